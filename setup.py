@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _requirements() -> list[str]:
+    lines = Path(__file__).with_name("requirements-training.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="fastclip",
+    version="0.1.0",
+    description="CLIP training with global contrastive losses by compositional optimisation (FastCLIP)",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"fastclip": ["model_configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=_requirements(),
+    extras_require={"test": ["pytest>=7"], "tensorboard": ["tensorboard"], "wandb": ["wandb"]},
+)
