@@ -1,0 +1,3 @@
+from .env import DistEnv, init_distributed
+
+__all__ = ["DistEnv", "init_distributed"]

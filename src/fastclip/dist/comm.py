@@ -1,0 +1,83 @@
+"""The collectives the training step needs, as no-ops at world size 1, with a byte count per kind.
+
+Benchmarks read `COUNTER` to report the bytes each collective kind moves per step (payload sent by
+this rank, i.e. the size of the tensor it contributes).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+COUNTER: Counter = Counter()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _count(kind: str, tensor: torch.Tensor) -> None:
+    COUNTER[kind] += tensor.numel() * tensor.element_size()
+    COUNTER[kind + ":calls"] += 1
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0 (rank order); the result carries no gradient."""
+    k = world_size()
+    tensor = tensor.detach()
+    if k == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    _count("all_gather", tensor)
+    out = torch.empty((k * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor)
+    return out
+
+
+def reduce_scatter_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks and hand rank k the k-th of K equal chunks along dim 0."""
+    k = world_size()
+    if k == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    _count("reduce_scatter", tensor)
+    out = torch.empty((tensor.shape[0] // k, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    if dist.get_backend() == "gloo":
+        # gloo has no reduce_scatter: an all-reduce then a slice gives the same values.
+        total = tensor.clone()
+        dist.all_reduce(total)
+        out.copy_(total.chunk(k)[rank()])
+    else:
+        dist.reduce_scatter_tensor(out, tensor)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (used for small scalars such as skip counters)."""
+    if world_size() > 1:
+        _count("all_reduce", tensor)
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_to_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-gather several same-length tensors in one collective by packing them side by side.
+
+    Each tensor has shape (b,) or (b, c); they are packed into one (b, total) float tensor, so a
+    step pays one collective however many per-sample arrays it moves.
+    """
+    packed = torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+    gathered = all_gather_no_grad(packed)
+    out, col = [], 0
+    for t in tensors:
+        width = t[0].numel() if t.dim() > 1 else 1
+        piece = gathered[:, col : col + width]
+        out.append(piece.reshape(gathered.shape[0], *t.shape[1:]))
+        col += width
+    return out

@@ -1,0 +1,113 @@
+"""Learning-rate, temperature-learning-rate and inner-learning-rate (gamma) schedules.
+
+Every schedule is a plain function of the global step (or epoch) so that a resumed run recomputes
+exactly the value it would have had; the only latched state (`StepThreshold`) is checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def cosine_lr(base_lr: float, warmup_steps: int, total_steps: int, step: int) -> float:
+    """Linear warmup to `base_lr`, then cosine decay to 0 at `total_steps` (open_clip's schedule)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
+
+
+def const_lr(base_lr: float, warmup_steps: int, total_steps: int, step: int) -> float:
+    """Linear warmup, then constant."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr
+
+
+def const_cooldown_lr(
+    base_lr: float, warmup_steps: int, total_steps: int, step: int, cooldown_steps: int, end_lr: float = 0.0
+) -> float:
+    """Linear warmup, constant, then a linear cooldown to `end_lr` over the last `cooldown_steps`."""
+    start_cooldown = total_steps - cooldown_steps
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if step < start_cooldown or cooldown_steps <= 0:
+        return base_lr
+    progress = min((step - start_cooldown) / cooldown_steps, 1.0)
+    return base_lr + (end_lr - base_lr) * progress
+
+
+@dataclass
+class LrSchedule:
+    """The model learning rate at a global step, by `--lr-scheduler` (cosine, const, const-cooldown)."""
+
+    kind: str
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+    cooldown_steps: int = 0
+    end_lr: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "cosine":
+            return cosine_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
+        if self.kind == "const":
+            return const_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
+        if self.kind == "const-cooldown":
+            return const_cooldown_lr(
+                self.base_lr, self.warmup_steps, self.total_steps, step, self.cooldown_steps, self.end_lr
+            )
+        raise ValueError(f"unknown lr scheduler {self.kind!r}: use cosine, const or const-cooldown")
+
+
+@dataclass
+class TauLrSchedule:
+    """Learning rate of the global temperature (`--lr_tau_scheduler`).
+
+    const: constant, no warmup. step_thresh: constant, multiplied by `factor` (1/3) the first time the
+    temperature is <= `threshold` (0.03), checked every step, and kept from then on. cosine: like the
+    model learning rate (warmup, cosine decay).
+    """
+
+    kind: str
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+    threshold: float = 0.03
+    factor: float = 1.0 / 3.0
+    crossed: bool = False
+
+    def __call__(self, step: int, tau: float) -> float:
+        if self.kind == "const":
+            return self.base_lr
+        if self.kind == "step_thresh":
+            self.crossed = self.crossed or tau <= self.threshold
+            return self.base_lr * (self.factor if self.crossed else 1.0)
+        if self.kind == "cosine":
+            return cosine_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
+        raise ValueError(f"unknown lr_tau scheduler {self.kind!r}: use const, step_thresh or cosine")
+
+    def state_dict(self) -> dict:
+        return {"crossed": self.crossed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.crossed = bool(state["crossed"])
+
+
+def gamma_at_epoch(epoch: int, gamma_min: float, kind: str, decay_epochs: int) -> float:
+    """Inner learning rate of the moving averages u at `epoch` (0-based).
+
+    Epoch 0 uses 1.0 (u is set to the mini-batch estimate on the first pass); from `decay_epochs` on
+    it is `gamma_min`; in between `cosine` decays from 1 to gamma_min and `constant` is gamma_min.
+    """
+    if epoch == 0:
+        return 1.0
+    if epoch >= decay_epochs:
+        return gamma_min
+    if kind == "cosine":
+        return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs))
+    if kind == "constant":
+        return gamma_min
+    raise ValueError(f"unknown gamma schedule {kind!r}: use cosine or constant")
