@@ -79,6 +79,11 @@ class TauLrSchedule:
     factor: float = 1.0 / 3.0
     crossed: bool = False
 
+    @property
+    def reads_temperature(self) -> bool:
+        """Only step_thresh looks at tau; the engine reads it (a host sync on GPU) only then."""
+        return self.kind == "step_thresh"
+
     def __call__(self, step: int, tau: float) -> float:
         if self.kind == "const":
             return self.base_lr

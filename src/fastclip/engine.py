@@ -1,0 +1,168 @@
+"""One training epoch, the same for every objective: the loop never asks which loss it runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from .log import LOGGER_NAME, MetricsSink, format_duration
+from .losses.base import Objective
+from .optim import clamp_logit_scale, unwrap
+from .precision import Precision
+from .schedules import LrSchedule, TauLrSchedule
+
+MAX_LOGIT_SCALE = math.log(100.0)
+PHASES = ("data", "forward", "objective", "backward", "optimizer")
+
+
+@dataclass
+class StepTimer:
+    """Wall time per phase of a step; with `enabled` it synchronises CUDA so GPU time lands in its phase."""
+
+    device: torch.device
+    enabled: bool
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _last: float = 0.0
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.totals[phase] += now - self._last
+        self._last = now
+
+    def reset(self) -> dict[str, float]:
+        totals, self.totals = dict(self.totals), defaultdict(float)
+        return totals
+
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module  # possibly DDP-wrapped
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LrSchedule
+    tau_schedule: TauLrSchedule
+    precision: Precision
+    device: torch.device
+    world_size: int = 1
+    grad_clip_norm: float | None = None
+    log_every_n_steps: int = 100
+    profile: bool = False
+    metrics: MetricsSink | None = None
+    scaler: torch.amp.GradScaler | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
+
+    def __post_init__(self) -> None:
+        if self.scaler is None and self.precision.grad_scaler:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.timer = StepTimer(self.device, self.profile)
+
+    def temperature(self) -> float:
+        return float(1.0 / unwrap(self.model).logit_scale.detach().exp())
+
+    def set_learning_rates(self, step: int) -> None:
+        lr = self.lr_schedule(step)
+        tau = self.temperature() if self.tau_schedule.reads_temperature else math.nan
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.tau_schedule(step, tau) if group.get("name") == "temperature" else lr
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        texts = batch["text"].to(self.device, non_blocking=True)
+        index = batch["index"].to(self.device, non_blocking=True)
+        self.timer.lap("data")
+        with self.precision.autocast(self.device):
+            out = self.model(images, texts)
+            self.timer.lap("forward")
+            losses = self.objective(out["image_features"], out["text_features"], out["logit_scale"], index)
+            total = sum(losses.values())
+        self.timer.lap("objective")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        self.timer.lap("backward")
+        if self.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
+        self.timer.lap("optimizer")
+        return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def train_epoch(self, loader: Iterable[dict], epoch: int, global_step: int, steps_per_epoch: int,
+                    total_steps: int) -> int:
+        """Train one epoch of `steps_per_epoch` batches; returns the global step after it."""
+        self.model.train()
+        self.objective.on_epoch_start(epoch)
+        batch_size = None
+        skipped = 0
+        window_start = time.perf_counter()
+        window_steps = 0
+        self.timer.start()
+        for i, batch in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            self.set_learning_rates(global_step)
+            losses = self.train_step(batch)
+            batch_size = batch["image"].shape[0]
+            skipped += int(batch.get("skipped", 0))
+            global_step += 1
+            window_steps += 1
+            last = i + 1 == steps_per_epoch
+            if (i + 1) % self.log_every_n_steps == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                self._log_progress(epoch, i + 1, steps_per_epoch, global_step, total_steps, batch_size,
+                                   losses, elapsed / window_steps, skipped)
+                window_start, window_steps = time.perf_counter(), 0
+            self.timer.start()
+        return global_step
+
+    def _log_progress(self, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
+                      total_steps: int, batch_size: int, losses: dict[str, torch.Tensor], step_time: float,
+                      skipped: int) -> None:
+        samples_per_s = batch_size * self.world_size / step_time
+        values = {k: float(v) for k, v in losses.items()}
+        values.update(self.objective.log_values())
+        values.update({
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
+            "samples_per_second": samples_per_s,
+            "samples_per_second_per_rank": samples_per_s / self.world_size,
+            "skipped_samples": skipped,
+        })
+        phases = self.timer.reset()
+        if phases:
+            values.update({f"time_{k}": v / max(step_in_epoch, 1) for k, v in phases.items()})
+        seen = step_in_epoch * batch_size * self.world_size
+        total = steps_per_epoch * batch_size * self.world_size
+        eta = format_duration((total_steps - global_step) * step_time)
+        terms = " ".join(f"{k}: {values[k]:.5g}" for k in losses)
+        extra = " ".join(f"{k}: {v:.4g}" for k, v in self.objective.log_values().items())
+        timing = " ".join(f"{k}: {1000 * values['time_' + k]:.1f}ms" for k in PHASES if "time_" + k in values)
+        self.logger.info(
+            f"Train Epoch: {epoch} [{seen:>{len(str(total))}}/{total} ({100 * step_in_epoch / steps_per_epoch:.0f}%)] "
+            f"Step time: {step_time:.3f}s, {samples_per_s:.1f} samples/s, {samples_per_s / self.world_size:.1f}/s/rank "
+            f"LR: {values['lr']:.6g} Logit Scale: {values['logit_scale']:.3f} {terms} {extra} "
+            f"Skipped: {skipped} ETA: {eta} {timing}".rstrip()
+        )
+        if self.metrics is not None:
+            self.metrics.write(global_step, values)

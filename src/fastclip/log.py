@@ -1,0 +1,78 @@
+"""Log lines, metric files and optional tensorboard / wandb reporting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "fastclip"
+
+
+def setup_logging(log_file: Path | None, rank: int, level: int = logging.INFO) -> logging.Logger:
+    """Rank 0 logs INFO to stdout and the run's out.log; other ranks log warnings only."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(level if rank == 0 else logging.WARNING)
+    formatter = logging.Formatter(f"%(asctime)s | rank {rank} | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class MetricsSink:
+    """Writes training metrics to metrics.jsonl, and to tensorboard / wandb when asked and installed."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], config: dict, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            self.wandb = wandb
+            wandb.init(name=run_dir.name, config=config, dir=str(run_dir))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.path, {"step": step, **values})
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                if self.tensorboard is not None:
+                    self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
