@@ -162,7 +162,7 @@ def _embed_pairs(
             with autocast():
                 image_features = model.encode_image(images, normalize=True).float()
                 text_features = model.encode_text(texts, normalize=True).float()
-            loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) * len(images)
+            loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) 
             images_out.append(image_features.cpu())
             texts_out.append(text_features.cpu())
     if not images_out:
