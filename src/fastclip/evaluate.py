@@ -143,7 +143,7 @@ def retrieval_eval(
         image_features, text_features, loss = _embed_pairs(model, loader, device, precision)
     metrics: dict[str, float | int] = {}
     metrics.update(rank_metrics("image_to_text", ground_truth_ranks(image_features, text_features)))
-    metrics.update(rank_metrics("text_to_image", ground_truth_ranks(text_features, image_features)))
+    metrics.update(rank_metrics("text_to_image", ground_truth_ranks(image_features, text_features)))
     metrics["clip_val_loss"] = loss
     metrics["num_samples"] = len(image_features)
     return metrics
@@ -162,7 +162,7 @@ def _embed_pairs(
             with autocast():
                 image_features = model.encode_image(images, normalize=True).float()
                 text_features = model.encode_text(texts, normalize=True).float()
-            loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) 
+            loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) * len(images)
             images_out.append(image_features.cpu())
             texts_out.append(text_features.cpu())
     if not images_out:

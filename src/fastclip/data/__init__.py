@@ -1,0 +1,1 @@
+"""Data pipelines: webdataset shards with sample indices (`wds`), synthetic data, the embedded demo set."""
