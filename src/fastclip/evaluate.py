@@ -143,7 +143,7 @@ def retrieval_eval(
         image_features, text_features, loss = _embed_pairs(model, loader, device, precision)
     metrics: dict[str, float | int] = {}
     metrics.update(rank_metrics("image_to_text", ground_truth_ranks(image_features, text_features)))
-    metrics.update(rank_metrics("text_to_image", ground_truth_ranks(image_features, text_features)))
+    metrics.update(rank_metrics("text_to_image", ground_truth_ranks(text_features, image_features)))
     metrics["clip_val_loss"] = loss
     metrics["num_samples"] = len(image_features)
     return metrics
@@ -195,7 +195,7 @@ def rank_metrics(name: str, ranks: torch.Tensor) -> dict[str, float]:
     ranks = ranks.float()
     metrics = {
         f"{name}_mean_rank": float(ranks.mean()) + 1,
-        f"{name}_median_rank": math.floor(float(ranks.quantile(0.5))) + 1,
+        f"{name}_median_rank": float(ranks.median()) + 1,
     }
     metrics.update({f"{name}_R@{k}": float((ranks < k).float().mean()) for k in RECALL_AT})
     return metrics
