@@ -31,6 +31,7 @@ from fastclip.evaluate import (
     zero_shot_eval,
 )
 from fastclip.models import build_model
+from fastclip.precision import resolve_precision
 
 TOKENIZER = open_clip.SimpleTokenizer(context_length=32)
 SYNSETS = [f"n{i:08d}" for i in range(1000)]
@@ -122,7 +123,7 @@ def test_zero_shot_top1_top5_match_hand_count(tmp_path):
     root = write_folder(tmp_path / "val", folders, ranks)
     model = ClassNameModel([f.replace("_", " ") for f in folders]).train()
 
-    result = zero_shot_eval(DataParallel(model), TOKENIZER, root, ToTensor(), batch_size=5)
+    result = zero_shot_eval(DataParallel(model), root, ToTensor(), TOKENIZER, batch_size=5)
 
     assert result == {
         "imagenet-zeroshot-val-top1": 0.75,
@@ -137,7 +138,7 @@ def test_zero_shot_with_fewer_than_five_classes_uses_top_k_of_all(tmp_path):
     folders = ["kettle", "tulip", "zebra"]
     root = write_folder(tmp_path / "val", folders, [[2], [0], [0]])
 
-    result = zero_shot_eval(ClassNameModel(folders), TOKENIZER, root, ToTensor())
+    result = zero_shot_eval(ClassNameModel(folders), root, ToTensor(), TOKENIZER)
 
     assert result["imagenet-zeroshot-val-top1"] == pytest.approx(2 / 3)
     assert result["imagenet-zeroshot-val-top5"] == 1.0
@@ -149,7 +150,7 @@ def test_classnames_file_names_sorted_folders_in_order(tmp_path):
     names.write_text("zebra\ntulip\nkettle\n\n")  # a trailing blank line is no class
 
     result = zero_shot_eval(
-        ClassNameModel(["zebra", "tulip", "kettle"]), TOKENIZER, root, ToTensor(), classnames_file=names
+        ClassNameModel(["zebra", "tulip", "kettle"]), root, ToTensor(), TOKENIZER, classnames_file=names
     )
 
     assert result["imagenet-zeroshot-val-top1"] == pytest.approx(4 / 6)
@@ -274,12 +275,19 @@ def test_smoke_real_tiny_open_clip_model(tmp_path):
             (tmp_path / name).mkdir(exist_ok=True)
             Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
 
-    zero_shot = zero_shot_eval(bundle.model, bundle.tokenizer, tmp_path, bundle.preprocess_val, batch_size=4)
+    cpu = torch.device("cpu")
     images = torch.randn(6, 3, 32, 32)
     texts = bundle.tokenizer([f"a photo number {i}" for i in range(6)])
-    retrieval = retrieval_eval(bundle.model, [{"image": images, "text": texts, "index": torch.arange(6)}])
+    batches = [{"image": images, "text": texts, "index": torch.arange(6)}]
 
-    assert 0.0 <= zero_shot["imagenet-zeroshot-val-top1"] <= zero_shot["imagenet-zeroshot-val-top5"] <= 1.0
-    assert zero_shot["zeroshot-num-images"] == 6
-    assert all(0.0 <= retrieval[f"{d}_R@{k}"] <= 1.0 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
-    assert math.isfinite(retrieval["clip_val_loss"])
+    for precision in ("fp32", resolve_precision("amp_bf16", cpu)):  # a string, or the script's Precision
+        zero_shot = zero_shot_eval(
+            bundle.model, tmp_path, bundle.preprocess_val, bundle.tokenizer, cpu, batch_size=4, precision=precision
+        )
+        retrieval = retrieval_eval(bundle.model, batches, cpu, precision=precision)
+
+        assert 0.0 <= zero_shot["imagenet-zeroshot-val-top1"] <= zero_shot["imagenet-zeroshot-val-top5"] <= 1.0
+        assert zero_shot["zeroshot-num-images"] == 6
+        recalls = [retrieval[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
+        assert all(0.0 <= r <= 1.0 for r in recalls)
+        assert math.isfinite(retrieval["clip_val_loss"])

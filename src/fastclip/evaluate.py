@@ -17,23 +17,16 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+
+from fastclip.optim import unwrap
+from fastclip.precision import Precision, resolve_precision
 
 Template = Callable[[str], str]
 
 _SYNSET = re.compile(r"n\d{8}")
-_AUTOCAST_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
 RECALL_AT = (1, 5, 10)
-
-
-def autocast_factory(precision: str, device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context factory for open_clip_train's `--precision` names: autocast for amp*, else a no-op."""
-    dtype = _AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def is_imagenet_folder(classes: Sequence[str]) -> bool:
@@ -76,24 +69,25 @@ def load_image_folder(folder: str | Path, transform: Callable) -> ImageFolder:
 
 def zero_shot_eval(
     model: torch.nn.Module,
-    tokenizer: Callable,
     folder: str | Path,
     preprocess: Callable,
+    tokenizer: Callable,
+    device: torch.device | str = "cpu",
     *,
     classnames_file: str | Path | None = None,
     batch_size: int = 64,
     workers: int = 0,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
+    precision: Precision | str = "fp32",
 ) -> dict[str, float | int]:
     """Top-1/top-5 zero-shot accuracy on an ImageFolder, under open_clip_train's `imagenet-zeroshot-val-*`
     names whatever the folder holds (top-5 means top-min(5, classes))."""
-    model = _unwrap(model)
+    model, device = unwrap(model), torch.device(device)
+    precision = _resolve(precision, device)
     dataset = load_image_folder(folder, preprocess)
     classnames, templates = class_prompts(dataset.classes, classnames_file)
     k = min(5, len(classnames))
     with _eval_mode(model):
-        with autocast_factory(precision, device)():
+        with precision.autocast(device):
             classifier = open_clip.build_zero_shot_classifier(
                 model, tokenizer=tokenizer, classnames=classnames, templates=templates, device=device
             )
@@ -112,15 +106,15 @@ def _count_correct(
     classifier: torch.Tensor,
     loader: Iterable,
     k: int,
-    device: torch.device | str,
-    precision: str,
+    device: torch.device,
+    precision: Precision,
 ) -> tuple[int, int]:
-    autocast, input_dtype = autocast_factory(precision, device), open_clip.get_input_dtype(precision)
+    input_dtype = open_clip.get_input_dtype(precision.model_dtype)
     top1 = topk = 0
     with torch.inference_mode():
         for images, targets in loader:
             images = images.to(device=device, dtype=input_dtype, non_blocking=True)
-            with autocast():
+            with precision.autocast(device):
                 features = model.encode_image(images, normalize=True)
             predictions = (features.float() @ classifier).topk(k, dim=1).indices.cpu()
             hits = predictions == targets.view(-1, 1)
@@ -132,13 +126,14 @@ def _count_correct(
 def retrieval_eval(
     model: torch.nn.Module,
     loader: Iterable[Mapping[str, torch.Tensor]],
-    *,
     device: torch.device | str = "cpu",
-    precision: str = "fp32",
+    *,
+    precision: Precision | str = "fp32",
 ) -> dict[str, float | int]:
     """Image<->text recall@1/5/10 and ranks over the whole validation set, plus the CLIP loss averaged
     over its batches (in-batch negatives, the model's logit_scale); pair i's match is position i."""
-    model = _unwrap(model)
+    model, device = unwrap(model), torch.device(device)
+    precision = _resolve(precision, device)
     with _eval_mode(model):
         image_features, text_features, loss = _embed_pairs(model, loader, device, precision)
     metrics: dict[str, float | int] = {}
@@ -150,16 +145,19 @@ def retrieval_eval(
 
 
 def _embed_pairs(
-    model: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str, precision: str
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device,
+    precision: Precision,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Normalised float32 features of every pair, kept on the CPU, and the sample-weighted mean loss."""
-    autocast, input_dtype = autocast_factory(precision, device), open_clip.get_input_dtype(precision)
+    input_dtype = open_clip.get_input_dtype(precision.model_dtype)
     images_out, texts_out, loss_sum = [], [], 0.0
     with torch.inference_mode():
         for batch in loader:
             images = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
             texts = batch["text"].to(device=device, non_blocking=True)
-            with autocast():
+            with precision.autocast(device):
                 image_features = model.encode_image(images, normalize=True).float()
                 text_features = model.encode_text(texts, normalize=True).float()
             loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) * len(images)
@@ -195,7 +193,7 @@ def rank_metrics(name: str, ranks: torch.Tensor) -> dict[str, float]:
     ranks = ranks.float()
     metrics = {
         f"{name}_mean_rank": float(ranks.mean()) + 1,
-        f"{name}_median_rank": float(ranks.median()) + 1,
+        f"{name}_median_rank": math.floor(float(ranks.quantile(0.5))) + 1,
     }
     metrics.update({f"{name}_R@{k}": float((ranks < k).float().mean()) for k in RECALL_AT})
     return metrics
@@ -209,9 +207,8 @@ def append_results(path: str | Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(dict(record)) + "\n")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP (or DataParallel) wrapper: evaluation runs on one rank only."""
-    return model.module if isinstance(model, (DataParallel, DistributedDataParallel)) else model
+def _resolve(precision: Precision | str, device: torch.device) -> Precision:
+    return resolve_precision(precision, device) if isinstance(precision, str) else precision
 
 
 @contextlib.contextmanager
@@ -225,11 +222,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _loader(dataset: ImageFolder, batch_size: int, workers: int, device: torch.device | str) -> DataLoader:
+def _loader(dataset: ImageFolder, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle=False,
-        pin_memory=torch.device(device).type == "cuda",
+        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, pin_memory=device.type == "cuda"
     )
