@@ -130,14 +130,15 @@ class Trainer:
             if (i + 1) % self.log_every_n_steps == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 self._log_progress(epoch, i + 1, steps_per_epoch, global_step, total_steps, batch_size,
-                                   losses, elapsed / window_steps, skipped)
+                                   losses, elapsed, window_steps, skipped)
                 window_start, window_steps = time.perf_counter(), 0
             self.timer.start()
         return global_step
 
     def _log_progress(self, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
-                      total_steps: int, batch_size: int, losses: dict[str, torch.Tensor], step_time: float,
-                      skipped: int) -> None:
+                      total_steps: int, batch_size: int, losses: dict[str, torch.Tensor], elapsed: float,
+                      window_steps: int, skipped: int) -> None:
+        step_time = elapsed / window_steps
         samples_per_s = batch_size * self.world_size / step_time
         values = {k: float(v) for k, v in losses.items()}
         values.update(self.objective.log_values())
@@ -151,7 +152,7 @@ class Trainer:
         })
         phases = self.timer.reset()
         if phases:
-            values.update({f"time_{k}": v / max(step_in_epoch, 1) for k, v in phases.items()})
+            values.update({f"time_{k}": v / window_steps for k, v in phases.items()})
         seen = step_in_epoch * batch_size * self.world_size
         total = steps_per_epoch * batch_size * self.world_size
         eta = format_duration((total_steps - global_step) * step_time)

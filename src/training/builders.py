@@ -11,6 +11,8 @@ from typing import Callable, Iterable
 import torch
 
 from fastclip import evaluate
+from fastclip.data.synthetic import build_synthetic_loader
+from fastclip.data.wds import TrainLoader, build_train_loader, build_val_loader
 from fastclip.dist import DistEnv
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
@@ -44,19 +46,28 @@ def build_objective(args: argparse.Namespace, env: DistEnv) -> Objective:
 
 
 @dataclass
-class TrainData:
-    steps_per_epoch: int
-    loader: Callable[[int], Iterable[dict]]  # epoch -> that epoch's batches
-
-
-@dataclass
 class DataBundle:
-    train: TrainData | None
-    val: Callable[[], Iterable[dict]] | None
+    train: TrainLoader | None  # set_epoch(e), then iterate: exactly len() batches on every rank
+    val: Callable[[], Iterable[dict]] | None  # a fresh pass over the retrieval validation set
 
 
 def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> DataBundle:
-    raise NotImplementedError
+    """The training loader of this rank (webdataset or synthetic) and, on rank 0, the validation loader."""
+    pin = env.device.type == "cuda"
+    common = dict(preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer, batch_size=args.batch_size,
+                  seed=args.seed, rank=env.rank, world_size=env.world_size, workers=args.workers, pin_memory=pin)
+    train = None
+    if args.dataset_type == "webdataset" and args.train_data:
+        train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
+                                   **common)
+    elif args.dataset_type == "synthetic":
+        size = unwrap(bundle.model).visual.image_size
+        train = build_synthetic_loader(args.train_num_samples, image_size=size if isinstance(size, int) else size[0],
+                                       **common)
+    if not (args.val_data and env.is_master):
+        return DataBundle(train, None)
+    return DataBundle(train, lambda: build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer,
+                                                      args.batch_size, workers=args.workers, pin_memory=pin))
 
 
 def run_evaluations(
@@ -87,5 +98,5 @@ def run_evaluations(
     if metrics:
         record = {"epoch": epoch, **metrics}
         evaluate.append_results(run_dir / "results.jsonl", record)
-        logger.info("Eval Epoch: %d %s", epoch, " ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        logger.info("Eval Epoch: %d %s", epoch, " ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
     return metrics

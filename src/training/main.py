@@ -105,10 +105,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> dict:
         return run_evaluations(args, env, model, bundle, data, epoch=int(checkpoint["epoch"]) if checkpoint else 0,
                                run_dir=run_dir, precision=precision)
 
-    seed_everything(args.seed + env.rank)  # different augmentation streams per rank
     tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
     optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr)
-    steps_per_epoch = data.train.steps_per_epoch
+    steps_per_epoch = len(data.train)
     total_steps = steps_per_epoch * args.epochs
     cooldown_steps = (args.epochs_cooldown or 0) * steps_per_epoch
     lr_schedule = LrSchedule(args.lr_scheduler, args.lr, args.warmup, total_steps, cooldown_steps, args.lr_cooldown_end)
@@ -137,8 +136,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> dict:
         logger.info("resumed at epoch %d, step %d", start_epoch, global_step)
 
     for epoch in range(start_epoch, args.stop_epochs):
-        loader = data.train.loader(epoch)
-        global_step = trainer.train_epoch(loader, epoch, global_step, steps_per_epoch, total_steps)
+        seed_everything(args.seed + env.rank + 7919 * epoch)  # a resumed epoch sees the same augmentations
+        data.train.set_epoch(epoch)
+        global_step = trainer.train_epoch(data.train, epoch, global_step, steps_per_epoch, total_steps)
         completed = epoch + 1
         _save(args, env, run_dir, trainer, objective, tau_schedule, completed, global_step)
         metrics = run_evaluations(args, env, model, bundle, data, completed, run_dir, precision,
