@@ -45,6 +45,6 @@ ARGS=(--save-frequency 1 --train-data "$DATA" --train-num-samples 2723840 --data
 if [ "$LAUNCHER" = srun ]; then
   srun python -u src/training/main.py "${ARGS[@]}"
 else
-  ARGS[${#ARGS[@]}]=--logs="$PWD/logs"  # `--logs=` so torchrun never reads it as its own --logs-specs
+  ARGS+=(--logs-dir "$PWD/logs")  # --logs-dir: torchrun would read --logs as its own --logs-specs
   cd src && torchrun --nproc_per_node="${NPROC_PER_NODE:-4}" --rdzv_endpoint="$MASTER_ADDR" -m training.main "${ARGS[@]}"
 fi

@@ -12,7 +12,7 @@ import pytest
 FIXTURES = Path(__file__).with_name("fixtures")
 
 
-def seed_commands() -> dict[str, list[str]]:
+def _seed_commands() -> dict[str, list[str]]:
     """The seed README's `main.py` command lines as argument lists, keyed by version name."""
     text = (FIXTURES / "seed_commands.sh").read_text()
     commands = {}
@@ -31,3 +31,40 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def scaled(command: list[str], **overrides: str) -> list[str]:
+    """A seed command with some flag values replaced (e.g. a tiny model and small shards), the rest kept.
+
+    Keyword names use underscores for dashes: `train_data="x"` replaces `--train-data`'s value;
+    flags the command lacks are appended.
+    """
+    args = list(command)
+    for name, value in overrides.items():
+        spellings = {"--" + name, "--" + name.replace("_", "-")}
+        position = next((i for i, word in enumerate(args) if word in spellings), None)
+        if position is None:
+            args += ["--" + name.replace("_", "-"), str(value)]
+        else:
+            args[position + 1] = str(value)
+    return args
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Real Fashion-MNIST shards (sparse img2dataset keys: 300 per shard) and a zero-shot test folder."""
+    from fastclip.data.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("fmnist"), samples_per_shard=300, limit=1200)
+
+
+def tiny_run(demo, logs, name: str, epochs: int = 2, batch_size: int = 32) -> dict[str, str]:
+    """Overrides that scale a seed command to the demo shards, a tiny model and a few steps on the CPU."""
+    return dict(
+        train_data=demo.train_shards, train_num_samples=demo.num_samples, data_size=demo.data_size,
+        warmup=5, batch_size=batch_size, epochs=epochs, workers=0, model="ViT-Tiny-32px", name=name,
+        logs_dir=str(logs), gamma_decay_epochs=1, log_every_n_steps=5,
+    )
+
+
+SEED_COMMANDS = _seed_commands()

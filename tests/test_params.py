@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import seed_commands
+from conftest import SEED_COMMANDS
 from training.params import parse_args
 
-SEED = seed_commands()
+SEED = SEED_COMMANDS
 
 
 def test_fixture_holds_all_seed_commands():

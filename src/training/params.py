@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # run, logging, checkpoints
     p.add("--name", type=str, default=None, help="run name: folder under --logs")
-    p.add("--logs", type=str, default="./logs", help="where run folders go")
+    p.add_argument("--logs", "--logs-dir", dest="logs", type=str, default="./logs",
+                   help="where run folders go; under torchrun use --logs-dir (torchrun takes --logs as its own)")
     p.add("--seed", type=int, default=0)
     p.add("--resume", type=str, default=None, help="checkpoint path, or 'latest' in this run's folder")
     p.add("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs (0: never)")
