@@ -134,6 +134,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> dict:
         objective.load_state_dict(checkpoint["objective"])
         tau_schedule.load_state_dict(checkpoint["tau_schedule"])
         logger.info("resumed at epoch %d, step %d", start_epoch, global_step)
+    if start_epoch >= args.stop_epochs:
+        logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", start_epoch, args.stop_epochs)
+        return run_evaluations(args, env, model, bundle, data, start_epoch, run_dir, precision)
 
     for epoch in range(start_epoch, args.stop_epochs):
         seed_everything(args.seed + env.rank + 7919 * epoch)  # a resumed epoch sees the same augmentations
