@@ -41,6 +41,7 @@ import lzma
 import math
 import os
 import tarfile
+import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ MAX_EMPTY_PASSES = 5
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 # Independent random streams derived from the same (seed, epoch).
-_SHARD_STREAM, _SAMPLE_STREAM, _LOADER_STREAM = 0, 1, 2
+SHARD_STREAM, SAMPLE_STREAM, LOADER_STREAM = 0, 1, 2
 
 T = TypeVar("T")
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -77,6 +78,8 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
+    """A decoded pair; `index` is int(json['key']), or -1 where it is absent and not needed."""
+
     image: Image.Image
     text: str
     index: int
@@ -114,7 +117,7 @@ def _expand_pattern(pattern: str) -> list[str]:
             "or the brace range, e.g. 'data/train/{00000..00331}.tar'; join several patterns with '::'"
         )
     if len(present) < len(urls):
-        missing = [u for u in urls if u not in set(present)]
+        missing = sorted(set(urls) - set(present))
         log.warning("%d of %d shards of %r do not exist (e.g. %s); using the %d that do",
                     len(missing), len(urls), pattern, missing[0], len(present))
     return present
@@ -129,7 +132,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 def shard_order(shards: Sequence[str], seed: int, epoch: int, pass_index: int = 0) -> list[str]:
     """The shard list of one pass, shuffled identically on every rank."""
-    permutation = derive_rng(seed, epoch, _SHARD_STREAM, pass_index).permutation(len(shards))
+    permutation = derive_rng(seed, epoch, SHARD_STREAM, pass_index).permutation(len(shards))
     return [shards[i] for i in permutation]
 
 
@@ -160,7 +163,7 @@ class SkipLog:
     def record(self, shard: str, what: str) -> None:
         self.pending += 1
         if self.logged < self.limit:
-            log.warning("skipped %s in shard %s", what, shard)
+            log.warning("shard %s: skipped %s", shard, what)
         elif self.logged == self.limit:
             log.warning("further skipped samples are counted in the batches' 'skipped' but not logged")
         self.logged += 1
@@ -171,10 +174,11 @@ class SkipLog:
 
 
 class _EndCheckingReader:
-    """Passes a shard's bytes to tarfile and tells afterwards whether the tar end marker was there.
+    """Passes a shard's bytes to tarfile and tells afterwards whether the tar ended as it should.
 
-    tarfile's stream mode silently treats a tar cut at a header boundary as complete; a complete tar
-    ends with at least two zero blocks. Compressed tars are left to their decompressor's own check.
+    tarfile's stream mode silently stops at a tar cut at a header boundary or at a corrupt header.
+    A complete tar ends with at least two zero blocks and nothing but zeros follows the point where
+    tarfile stops. Compressed tars are left to their decompressor, which raises on a cut stream.
     """
 
     def __init__(self, stream: BinaryIO, url: str) -> None:
@@ -190,10 +194,14 @@ class _EndCheckingReader:
         self._tail = data[-1024:] if len(data) >= 1024 else (self._tail + data)[-1024:]
         return data
 
-    def ends_cleanly(self) -> bool:
-        while self.read(1 << 16):
-            pass
-        return self._head.startswith(_COMPRESSED_MAGIC) or self._tail == bytes(1024)
+    def damage(self) -> str | None:
+        """Why the shard did not end as a tar should, or None; reads what tarfile left unread."""
+        if self._head.startswith(_COMPRESSED_MAGIC):
+            return None
+        while chunk := self.read(1 << 16):
+            if chunk.strip(b"\0"):
+                return "data after a tar header that could not be read: the shard is corrupt"
+        return None if self._tail == bytes(1024) else "no tar end marker: the shard was cut short"
 
     def __repr__(self) -> str:
         return self._url
@@ -205,35 +213,282 @@ def _error_text(error: BaseException) -> str:
 
 
 def read_shard(url: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """Raw samples ({'__key__', '__url__', extension: bytes}) of one shard, damage counted as a skip.
+    """Raw samples ({'__key__', '__url__', extension: bytes}) of one shard; damage counts as a skip.
 
-    A sample is yielded only once the next one has begun or the tar ended properly, so a truncated
-    shard never passes on a sample that lost its last files.
+    A sample is passed on once the next one has begun or the tar ended properly, so a truncated
+    shard never yields a sample that lost its last files.
     """
+    previous: dict[str, Any] | None = None
+    previous_complete, damage = True, None
     try:
         with gopen(url) as raw:
             stream = _EndCheckingReader(raw, url)
-            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-            previous = None
-            while True:
-                sample = next(samples, None)
-                if sample is None:
-                    break
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                 if previous is not None:
                     yield previous
                 previous = sample
-            clean_end = stream.ends_cleanly()
+            damage = stream.damage()
+            previous_complete = damage is None
     except _READ_ERRORS as error:
-        if previous is not None:
-            yield previous
-        after = f" after sample {previous['__key__']}" if previous is not None else ""
-        skips.record(url, f"the rest of the shard{after}: it is truncated or unreadable ({_error_text(error)})")
-        return
-    except ValueError as error:  # group_by_keys: a file name twice in one sample
-        raise DataError(f"shard {url} is malformed: {_error_text(error)}; rewrite it") from error
-    if clean_end:
-        if previous is not None:
-            yield previous
-    else:
-        after = f" after sample {previous['__key__']}" if previous is not None else ""
-        skips.record(url, f"the end of the shard{after}: it has no tar end marker, so it is truncated")
+        damage = f"truncated or unreadable: {_error_text(error)}"
+    except ValueError as error:  # group_by_keys: the same file name twice in a row
+        raise DataError(f"shard {url} is malformed ({_error_text(error)}): rewrite it") from error
+    if previous is not None and previous_complete:
+        yield previous
+    if damage is not None:
+        skips.record(url, f"{_lost_part(previous, previous_complete)} ({damage})")
+
+
+def _lost_part(last: dict[str, Any] | None, last_complete: bool) -> str:
+    if last is None:
+        return "the whole shard"
+    key = last["__key__"]
+    return f"everything after sample {key}" if last_complete else f"sample {key} and everything after it"
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: transparency over white, 16-bit grey scaled down rather than clipped."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def sample_index(raw: dict[str, Any], data_size: int | None) -> int:
+    """int(json['key']); -1 when absent and no index is needed; a `DataError` when it is needed."""
+    shard, key = raw["__url__"], raw["__key__"]
+    try:
+        index = int(json.loads(raw["json"])["key"])
+    except (KeyError, TypeError, ValueError) as error:
+        if data_size is None:
+            return -1
+        raise DataError(
+            f"shard {shard}, sample {key}: no integer 'key' in the sample's .json ({_error_text(error)}); "
+            "with data_size set every sample needs the .json img2dataset writes, whose 'key' is its index"
+        ) from error
+    if data_size is not None and not 0 <= index < data_size:
+        raise DataError(
+            f"shard {shard}, sample {key}: key {index} is outside [0, data_size={data_size}); set data_size "
+            "(--data_size) above the largest key: img2dataset keys are shard_id * 10^ceil(log10("
+            "samples_per_shard)) + i, so they exceed the number of samples"
+        )
+    return index
+
+
+def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) -> Sample | None:
+    """Image, caption and index of a raw sample, or None (a recorded skip) when it cannot be used."""
+    shard, key = raw["__url__"], raw["__key__"]
+    extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if extension is None or "txt" not in raw:
+        skips.record(shard, f"sample {key} (no {'image' if extension is None else 'text'})")
+        return None
+    index = sample_index(raw, data_size)
+    try:
+        text = raw["txt"].decode("utf-8")
+        with Image.open(io.BytesIO(raw[extension])) as image:
+            rgb = to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        skips.record(shard, f"sample {key} (undecodable .{extension} or .txt: {_error_text(error)})")
+        return None
+    return Sample(rgb, text, index)
+
+
+def collate(samples: Sequence[Sample], preprocess: Preprocess, tokenizer: Tokenizer, skipped: int) -> dict:
+    """One batch in the format the engine consumes."""
+    return {
+        "image": torch.stack([preprocess(s.image) for s in samples]),
+        "text": tokenizer([s.text for s in samples]),
+        "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
+        "skipped": skipped,
+    }
+
+
+def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterator[T]:
+    """A shuffle buffer of `size` items (1: no shuffling), emptied at the end so that passes never mix."""
+    size = max(size, 1)
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = int(rng.integers(size))
+        yield buffer[pick]
+        buffer[pick] = item
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+class SlotDataset(IterableDataset):
+    """Batches built inside a DataLoader worker from the sample stream of that worker's global slot.
+
+    Subclasses define `samples(slot, num_slots, skips)`; `epoch` is read when a loader starts its
+    workers, so setting it between epochs is enough.
+    """
+
+    def __init__(
+        self, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
+        seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or seed < 0 or epoch < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1, seed >= 0, epoch >= 0 and 0 <= rank < world_size; got "
+                             f"{batch_size=}, {seed=}, {epoch=}, {rank=}, {world_size=}")
+        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skips = SkipLog()
+        batch: list[Sample] = []
+        for sample in self.samples(self.rank * workers + worker, self.world_size * workers, skips):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.preprocess, self.tokenizer, skips.take())
+                batch = []
+        if batch:
+            yield collate(batch, self.preprocess, self.tokenizer, skips.take())
+
+
+class ShardTrainDataset(SlotDataset):
+    """The infinite, reshuffled training stream of the module docstring."""
+
+    def __init__(self, shards: Sequence[str], *args: Any, data_size: int | None = None,
+                 shuffle_buffer: int = 1000, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shards, self.data_size, self.shuffle_buffer = list(shards), data_size, shuffle_buffer
+
+    def _pass(self, slot: int, num_slots: int, pass_index: int, skips: SkipLog) -> Iterator[Sample]:
+        order = shard_order(self.shards, self.seed, self.epoch, pass_index)
+        raw = (sample
+               for url, part, parts in slot_assignment(order, slot, num_slots)
+               for position, sample in enumerate(read_shard(url, skips)) if position % parts == part)
+        rng = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index, slot)
+        for item in shuffled(raw, rng, self.shuffle_buffer):
+            sample = decode_sample(item, self.data_size, skips)
+            if sample is not None:
+                yield sample
+
+    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
+        empty_passes = 0
+        for pass_index in itertools.count():
+            used = 0
+            for sample in self._pass(slot, num_slots, pass_index, skips):
+                used += 1
+                yield sample
+            empty_passes = 0 if used else empty_passes + 1
+            if empty_passes == MAX_EMPTY_PASSES:
+                raise DataError(
+                    f"worker slot {slot} of {num_slots} found no usable sample in {empty_passes} passes over "
+                    f"its share of {len(self.shards)} shards: fix the shards (see the skip warnings) or "
+                    "use fewer ranks x workers than there are samples per shard"
+                )
+
+
+class ShardValDataset(SlotDataset):
+    """Every sample once, in shard order; the workers split the shards between them."""
+
+    def __init__(self, shards: Sequence[str], *args: Any, data_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shards, self.data_size = list(shards), data_size
+
+    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
+        for url in self.shards[slot::num_slots]:
+            for raw in read_shard(url, skips):
+                sample = decode_sample(raw, self.data_size, skips)
+                if sample is not None:
+                    yield sample
+
+
+# -------------------------------------------------------------------------------------------- loaders
+
+
+class TrainLoader:
+    """Iterates a `SlotDataset` for exactly `len(self)` batches per epoch; `set_epoch` before each epoch.
+
+    A fresh DataLoader (and worker processes) per epoch lets the workers see the new epoch; its
+    generator is seeded from (seed, epoch, rank) so that worker seeds, hence augmentations, repeat.
+    """
+
+    def __init__(self, dataset: SlotDataset, num_batches: int, workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset, self.num_batches, self.workers, self.pin_memory = dataset, num_batches, workers, pin_memory
+
+    @property
+    def num_samples(self) -> int:
+        """Samples all ranks together consume per epoch (>= the requested number)."""
+        return self.num_batches * self.dataset.batch_size * self.dataset.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        d = self.dataset
+        seed = int(derive_rng(d.seed, d.epoch, LOADER_STREAM, d.rank).integers(2**62))
+        batches = iter(DataLoader(d, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                                  generator=torch.Generator().manual_seed(seed)))
+        try:
+            yield from itertools.islice(batches, self.num_batches)
+        except Exception as error:
+            # torch re-raises a worker's error from frames that hold the DataLoader iterator in a
+            # reference cycle; collected late by the gc, its worker shutdown stalls for seconds.
+            traceback.clear_frames(error.__traceback__)
+            del batches
+            raise
+
+
+def build_train_loader(
+    shards: str | Sequence[str],
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    num_samples: int,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    data_size: int | None = None,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """The training loader of one rank: ceil(num_samples / (batch_size * world_size)) batches per epoch.
+
+    `data_size` given: every sample must carry a key in [0, data_size) (the per-sample state index).
+    """
+    if num_samples < 1 or workers < 0 or (data_size is not None and data_size < 1):
+        raise ValueError(f"need num_samples >= 1, workers >= 0, data_size >= 1; got {num_samples=}, "
+                         f"{workers=}, {data_size=}")
+    dataset = ShardTrainDataset(
+        expand_shards(shards), preprocess, tokenizer, batch_size, seed=seed, epoch=epoch, rank=rank,
+        world_size=world_size, data_size=data_size, shuffle_buffer=shuffle_buffer,
+    )
+    return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
+
+
+def build_val_loader(
+    shards: str | Sequence[str],
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    workers: int = 0,
+    data_size: int | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Every validation sample once, unshuffled, for rank 0 (the last batch of each worker may be short)."""
+    dataset = ShardValDataset(expand_shards(shards), preprocess, tokenizer, batch_size, data_size=data_size)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory)

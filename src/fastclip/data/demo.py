@@ -1,0 +1,195 @@
+"""The embedded demo data set: Fashion-MNIST as img2dataset-style shards plus a zero-shot test folder.
+
+The 60,000 training images become webdataset shards (KEY.png, KEY.txt, KEY.json) whose keys follow
+img2dataset's sparse scheme, with captions made from the class name and varied templates; the 10,000
+test images become an ImageFolder `test/<class name>/NNNNN.png` for zero-shot evaluation. The files
+come from the Debian package dataset-fashion-mnist when installed, else from the official URLs
+(downloaded once into a cache directory).
+
+    python -m fastclip.data.demo --out data/fashion-mnist [--samples-per-shard 2500] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import struct
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .writer import encode_image, img2dataset_key, shard_sample, write_shard
+
+CLASS_NAMES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+TEMPLATES = (
+    "a photo of {}.",
+    "a black and white photo of {}.",
+    "a low resolution picture of {}.",
+    "a grayscale image of {}.",
+    "a small photo of {}.",
+    "a product photo of {}.",
+    "a centered photo of {}.",
+    "{} on a black background.",
+    "a picture of {}, a fashion item.",
+)
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+MANIFEST = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoData:
+    train_shards: str  # brace pattern for --train-data
+    data_size: int  # largest key + 1, for --data_size
+    num_samples: int  # training pairs, for --train-num-samples
+    test_dir: Path  # ImageFolder whose folder names are the class names
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fastclip" / "fashion-mnist"
+
+
+def _has_files(directory: Path) -> bool:
+    return all((directory / name).is_file() for pair in FILES.values() for name in pair)
+
+
+def _download(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (name for pair in FILES.values() for name in pair):
+        if not (directory / name).is_file():
+            partial = directory / (name + ".partial")
+            urllib.request.urlretrieve(BASE_URL + name, partial)
+            os.replace(partial, directory / name)
+
+
+def find_fashion_mnist(source: Path | None = None) -> Path:
+    """The directory with the four .gz files: `source`, the Debian package's, or the (filled) cache."""
+    for directory in (source, SYSTEM_DIR, cache_dir()):
+        if directory is not None and _has_files(directory):
+            return directory
+    if source is not None:
+        raise FileNotFoundError(f"{source} lacks some of {[n for pair in FILES.values() for n in pair]}")
+    _download(cache_dir())
+    return cache_dir()
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """A gzipped IDX file (MNIST's format: big-endian header, uint8 payload) as an array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\0\0\x08":
+        raise ValueError(f"{path} is not a uint8 IDX file")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _load(directory: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = FILES[split]
+    return read_idx(directory / images)[:limit], read_idx(directory / labels)[:limit]
+
+
+def caption(label: int, rng: np.random.Generator) -> str:
+    """A caption for a class, with a random template so that captions are not one string per class."""
+    name = CLASS_NAMES[label]
+    article = "an" if name[0] in "aeiou" else "a"
+    return TEMPLATES[rng.integers(len(TEMPLATES))].format(f"{article} {name}")
+
+
+def _sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator) -> dict:
+    return shard_sample(key, encode_image(image), caption(label, rng), meta={"label": label})
+
+
+def write_train_shards(images: np.ndarray, labels: np.ndarray, directory: Path,
+                       samples_per_shard: int) -> tuple[str, int]:
+    """Shards 00000.tar, ... with img2dataset keys; returns their file-name brace pattern and data_size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    starts = range(0, len(images), samples_per_shard)
+    for shard_id, start in enumerate(starts):
+        positions = range(min(samples_per_shard, len(images) - start))
+        write_shard(directory / f"{shard_id:05d}.tar",
+                    (_sample(img2dataset_key(shard_id, p, samples_per_shard), images[start + p],
+                             int(labels[start + p]), rng) for p in positions))
+    last = len(images) - 1
+    data_size = int(img2dataset_key(last // samples_per_shard, last % samples_per_shard, samples_per_shard)) + 1
+    return f"{{00000..{len(starts) - 1:05d}}}.tar", data_size
+
+
+def write_test_folder(images: np.ndarray, labels: np.ndarray, directory: Path) -> None:
+    """<class name>/NNNNN.png: an ImageFolder whose folder names are the class names."""
+    for name in {CLASS_NAMES[label] for label in labels}:
+        (directory / name).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(directory / CLASS_NAMES[label] / f"{i:05d}.png")
+
+
+def _clear_previous_build(out: Path, settings: dict) -> dict | None:
+    """The manifest's result when `out` holds a build with these settings; else make room for one."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        built = json.loads(manifest.read_text())
+        if built["settings"] == settings:
+            return built["result"]
+        manifest.unlink()
+        for part in ("train", "test"):  # ours: the manifest says so
+            shutil.rmtree(out / part, ignore_errors=True)
+    elif (out / "train").exists() or (out / "test").exists():
+        raise FileExistsError(f"{out} holds a train/ or test/ this tool did not write: choose another --out")
+    return None
+
+
+def build_demo(out: str | Path, samples_per_shard: int = 2500, limit: int | None = None,
+               source: Path | None = None) -> DemoData:
+    """Build the demo data under `out` once; later calls with the same settings only read its manifest.
+
+    `limit` keeps the first `limit` training and test images (for quick runs and tests). Everything is
+    written to a staging folder first, so an interrupted build leaves nothing that looks complete.
+    """
+    out = Path(out).resolve()
+    settings = {"samples_per_shard": samples_per_shard, "limit": limit}
+    result = _clear_previous_build(out, settings)
+    if result is None:
+        directory = find_fashion_mnist(source)
+        staging = out / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        train_images, train_labels = _load(directory, "train", limit)
+        pattern, data_size = write_train_shards(train_images, train_labels, staging / "train", samples_per_shard)
+        write_test_folder(*_load(directory, "test", limit), staging / "test")
+        for part in ("train", "test"):
+            os.replace(staging / part, out / part)
+        staging.rmdir()
+        result = {"train_shards": f"train/{pattern}", "data_size": data_size, "num_samples": len(train_images),
+                  "test_dir": "test"}
+        (out / MANIFEST).write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return DemoData(str(out / result["train_shards"]), result["data_size"], result["num_samples"],
+                    out / result["test_dir"])
+
+
+def main(argv: Sequence[str] | None = None) -> DemoData:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--samples-per-shard", type=int, default=2500)
+    parser.add_argument("--limit", type=int, default=None, help="keep only the first N train and test images")
+    parser.add_argument("--source", type=Path, default=None, help="directory with the Fashion-MNIST .gz files")
+    args = parser.parse_args(argv)
+    demo = build_demo(args.out, args.samples_per_shard, args.limit, args.source)
+    print(json.dumps({**asdict(demo), "test_dir": str(demo.test_dir)}, indent=1))
+    return demo
+
+
+if __name__ == "__main__":
+    main()
