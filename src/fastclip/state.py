@@ -85,13 +85,13 @@ class ShardedState:
         self._storage.index_copy_(0, target, gathered_values.to(self._storage.dtype))
 
     def state_dict(self) -> torch.Tensor:
-        """The whole table in global index order, (data_size, C) on the CPU.
+        """A copy of the whole table in global index order, (data_size, C) on the CPU.
 
         Collective (an all-gather of every shard): every rank calls it, whatever rank saves it.
         """
         shards = comm.all_gather_no_grad(self.table)
         by_slot = shards.view(self.world_size, self.rows, self.columns).transpose(0, 1)
-        return by_slot.reshape(-1, self.columns)[: self.data_size].cpu()
+        return by_slot.reshape(-1, self.columns)[: self.data_size].to("cpu", copy=True)
 
     def load_state_dict(self, values: torch.Tensor) -> None:
         """Take this rank's rows of a global-order table, whatever K wrote it."""
