@@ -8,14 +8,11 @@ float64 and float32. Run with `pytest -s` to see the max relative differences.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from multiprocess import spawn
 
 from fastclip.dist import comm
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
@@ -34,19 +31,6 @@ BATCHES = ([3, 7, 1, 8, 0, 5], [5, 2, 3, 11, 7, 4])  # the second revisits 5, 3,
 SETTINGS = dict(data_size=N, gamma=0.3, gamma_decay_epochs=4, temperature=0.07, rho=6.5, lr_tau=0.01, beta2=0.98)
 
 
-def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, fn, *args) -> None:
-    """Run fn(*args) on `world` gloo processes; an exception in any of them fails the test."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def two_steps(version: str, dtype: torch.dtype, inputs: dict) -> dict:

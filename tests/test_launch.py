@@ -60,6 +60,8 @@ def launch_slurm(argv: list[str], ntasks: int = 2) -> None:
 @pytest.mark.parametrize("version", ["openclip", "fastclip-v0", "fastclip-v1", "fastclip-v2", "fastclip-v3"])
 def test_two_processes_torchrun_then_slurm_resume(version, demo_data, tmp_path):
     overrides = tiny_run(demo_data, tmp_path, version, epochs=2, batch_size=32)
+    if version == "fastclip-v2":  # the seed's tau0 = 0.03 learns too slowly for 38 steps of a tiny model
+        overrides["temperature"] = 0.07
     argv = scaled(SEED_COMMANDS[version], **overrides, imagenet_val=demo_data.test_dir, zeroshot_frequency=1)
     launch_torchrun(scaled(argv, stop_epochs=1))
     launch_slurm(scaled(argv, resume="latest"))

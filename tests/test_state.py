@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from multiprocess import spawn
 
 from fastclip.dist import comm
 from fastclip.state import ShardedState, _last_occurrence
@@ -21,19 +18,6 @@ LOCAL_BATCH = 4
 ROUNDS = 6
 
 
-def _entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, fn, *args) -> None:
-    """Run fn(*args) on `world` gloo processes; an assertion failing in any of them fails the test."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def exercise(source: torch.Tensor | None, seed: int, out: Path | None = None) -> torch.Tensor:
