@@ -23,7 +23,7 @@ def openclip_run(demo_data, tmp_path_factory):
     """The seed's OpenCLIP command, scaled down, trained for 2 epochs in this process."""
     logs = tmp_path_factory.mktemp("logs")
     argv = scaled(SEED_COMMANDS["openclip"], **tiny_run(demo_data, logs, "openclip"),
-                  imagenet_val=demo_data.test_dir, zeroshot_frequency=1)
+                  imagenet_val=demo_data.test_dir, zeroshot_frequency=1, val_data=demo_data.train_shards)
     metrics = main(argv)
     return logs / "openclip", metrics
 
@@ -35,6 +35,8 @@ def test_openclip_run_checkpoints_logs_and_evaluates(openclip_run):
     assert [r["epoch"] for r in results] == [1, 2]
     assert results[-1]["imagenet-zeroshot-val-top1"] == metrics["imagenet-zeroshot-val-top1"]
     assert results[-1]["zeroshot-num-images"] == 1200 and results[-1]["zeroshot-num-classes"] == 10
+    assert results[-1]["num_samples"] == 1200  # --val-data retrieval over every validation pair
+    assert 0 <= results[-1]["image_to_text_R@1"] <= results[-1]["image_to_text_R@10"] <= 1
     params = json.loads((run_dir / "params.json").read_text())
     assert params["gather_with_grad"] and params["batch_size"] == 32
     log = (run_dir / "out.log").read_text()
@@ -94,6 +96,12 @@ def test_resume_continues_exactly(version, demo_data, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     log = (tmp_path / "interrupted" / "out.log").read_text()
     assert "resumed at epoch 1, step 6" in log
+
+
+def test_unavailable_report_backend_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="pip install"):
+        main(["--dataset-type", "synthetic", "--train-num-samples", "32", "--batch-size", "16", "--epochs", "1",
+              "--workers", "0", "--model", "ViT-Tiny-32px", "--logs", str(tmp_path), "--report-to", "wandb"])
 
 
 def test_synthetic_data_trains(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -40,6 +41,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _require(module: str, package: str):
+    """Import an optional reporting backend, or say which package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise SystemExit(f"error: --report-to {package} needs the {package} package: pip install {package}") from err
+
+
 class MetricsSink:
     """Writes training metrics to metrics.jsonl, and to tensorboard / wandb when asked and installed."""
 
@@ -50,15 +59,15 @@ class MetricsSink:
         self.wandb = None
         if not enabled:
             return
+        unknown = set(report_to) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"--report-to {','.join(sorted(unknown))}: use tensorboard and/or wandb")
         if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
+            SummaryWriter = _require("torch.utils.tensorboard", "tensorboard").SummaryWriter
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         if "wandb" in report_to:
-            import wandb
-
-            self.wandb = wandb
-            wandb.init(name=run_dir.name, config=config, dir=str(run_dir))
+            self.wandb = _require("wandb", "wandb")
+            self.wandb.init(name=run_dir.name, config=config, dir=str(run_dir))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

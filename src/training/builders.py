@@ -98,5 +98,6 @@ def run_evaluations(
     if metrics:
         record = {"epoch": epoch, **metrics}
         evaluate.append_results(run_dir / "results.jsonl", record)
-        logger.info("Eval Epoch: %d %s", epoch, " ".join(f"{k}: {v:.4g}" for k, v in metrics.items()))
+        shown = " ".join(f"{k}: {v if isinstance(v, int) else round(v, 4)}" for k, v in metrics.items())
+        logger.info("Eval Epoch: %d %s", epoch, shown)
     return metrics
