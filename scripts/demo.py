@@ -42,7 +42,8 @@ def plot_curves(run_dir: Path, out: Path) -> None:
     ax_acc.plot([r["epoch"] for r in results], [r["imagenet-zeroshot-val-top1"] for r in results], "o-", label="top-1")
     ax_acc.plot([r["epoch"] for r in results], [r["imagenet-zeroshot-val-top5"] for r in results], "s--", label="top-5")
     ax_acc.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="zero-shot, 10,000 test images")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1),
+               title=f"zero-shot, {results[-1]['zeroshot-num-images']:,} test images")
     ax_acc.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
