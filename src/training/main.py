@@ -54,6 +54,14 @@ def _prepare_run_dir(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DDP without device_ids on CPU (a CPU device id fails); buffers are broadcast every step only
+    when some change in training (batch norm statistics), not for constant ones like attention masks."""
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    has_running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=has_running_stats)
+
+
 def _resume_path(args: argparse.Namespace, run_dir: Path) -> Path | None:
     if args.resume is None:
         return None
@@ -86,6 +94,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> dict:
     logger.info("run %s: rank %d of %d on %s", args.name, env.rank, env.world_size, env.device)
     seed_everything(args.seed)  # identical initial weights on every rank
     precision = resolve_precision(args.precision, env.device)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype, args.pretrained,
                          args.grad_checkpointing)
     model = bundle.model
@@ -114,8 +124,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> dict:
     tau_schedule = TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, total_steps)
 
     if env.distributed:
-        ddp_kwargs = {"device_ids": [env.device]} if env.device.type == "cuda" else {}
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        model = wrap_ddp(model, env)
     if args.torchcompile:
         model = torch.compile(model)
 
