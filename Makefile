@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quick gpu-wheels clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ test: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+bench-quick: install
+	$(PY) bench/run_all.py --quick
+
+# wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
+gpu-wheels:
+	bash bench/make_gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) logs
