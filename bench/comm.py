@@ -60,6 +60,9 @@ def _nbytes(tensors: list[torch.Tensor] | None) -> int:
 _PAYLOAD: dict[str, tuple[str, Callable[[dict], int]]] = {
     "all_gather": ("all_gather", lambda a: _nbytes([a["tensor"]])),
     "all_gather_into_tensor": ("all_gather", lambda a: _nbytes([a["input_tensor"]])),
+    "all_gather_single": ("all_gather", lambda a: _nbytes([a["input_tensor"]])),
+    "reduce_scatter_single": ("reduce_scatter", lambda a: _nbytes([a["input"]])),
+    "all_to_all_single": ("reduce_scatter", lambda a: _nbytes([a["input"]])),  # gloo's reduce-scatter
     "all_reduce": ("all_reduce", lambda a: _nbytes([a["tensor"]])),
     "reduce_scatter_tensor": ("reduce_scatter", lambda a: _nbytes([a["input"]])),
     "scatter": ("scatter", lambda a: _nbytes(a["scatter_list"])),  # only the root passes a list
@@ -86,7 +89,8 @@ def _counting(name: str, fn: Callable) -> Callable:
 def intercept_collectives() -> None:
     """Route torch.distributed's collectives through counters (callers look them up at call time)."""
     for name in _PAYLOAD:
-        setattr(dist, name, _counting(name, getattr(dist, name)))
+        if hasattr(dist, name):
+            setattr(dist, name, _counting(name, getattr(dist, name)))
 
 
 def _ddp_counting_hook(process_group, bucket):  # unannotated: DDP rejects string annotations
@@ -246,9 +250,9 @@ def report(results: dict, steps: int) -> str:
         "Payload a rank contributes (COUNTER's convention). OpenCLIP's COUNTER rows come from its objective's "
         "own estimate (open_clip calls torch.distributed directly); the intercepted rows are what ran: on gloo "
         "the backward of the gather-with-grad is K scatters per feature set, and the project's reduce_scatter "
-        "is an all_reduce (gloo has no reduce-scatter; an all-reduce sends twice its ring bytes, while gloo's "
-        "all_to_all_single followed by a local sum would send the same as a reduce-scatter). DDP's gradient all-reduce is counted by a comm hook, the same for "
-        "every objective (v1 freezes logit_scale: one float less).",
+        "is an all_to_all_single followed by a local sum (gloo has no reduce-scatter; this sends the same bytes "
+        "as one). DDP's gradient all-reduce is counted by a comm hook, the same for every objective (v1 freezes "
+        "logit_scale: one float less).",
         measured_table(results),
         "### Analytic, bytes sent per rank per step (ring collectives), objective only",
         wire_formula.__doc__.strip().replace("\n    ", "\n"),

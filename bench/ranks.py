@@ -123,9 +123,7 @@ def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., Any
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # ranks share the machine's cores; more threads per rank only contend
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the model has no pretrained weights
-    # torch 2.14 deprecates all_gather_into_tensor and torch.distributed.nn.all_gather (used by
-    # fastclip.dist.comm and open_clip's ClipLoss): one warning per call site and rank, nothing to act on here.
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # open_clip's ClipLoss calls a deprecated all_gather
     if world > 1:
         dist.init_process_group(backend, rank=rank, world_size=world)
     try:

@@ -14,6 +14,13 @@ import torch.distributed as dist
 COUNTER: Counter = Counter()
 
 
+
+def _collective(new_name: str, old_name: str):
+    """torch 2.14 renamed the tensor-to-tensor collectives; older releases only have the old names.
+    Looked up at each call, so that tools which wrap torch.distributed functions see our calls."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -36,7 +43,7 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.contiguous()
     _count("all_gather", tensor)
     out = torch.empty((k * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor)
+    _collective("all_gather_single", "all_gather_into_tensor")(out, tensor)
     return out
 
 
@@ -49,21 +56,14 @@ def reduce_scatter_sum(tensor: torch.Tensor) -> torch.Tensor:
     _count("reduce_scatter", tensor)
     out = torch.empty((tensor.shape[0] // k, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     if dist.get_backend() == "gloo":
-        # gloo has no reduce_scatter: an all-reduce then a slice gives the same values.
-        total = tensor.clone()
-        dist.all_reduce(total)
-        out.copy_(total.chunk(k)[rank()])
+        # gloo has no reduce_scatter: exchanging the chunks (all-to-all) and summing what arrives
+        # moves the same bytes as a reduce-scatter, half those of an all-reduce.
+        received = torch.empty_like(tensor)
+        dist.all_to_all_single(received, tensor)
+        torch.sum(received.view(k, *out.shape), dim=0, out=out)
     else:
-        dist.reduce_scatter_tensor(out, tensor)
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, tensor)
     return out
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (used for small scalars such as skip counters)."""
-    if world_size() > 1:
-        _count("all_reduce", tensor)
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def gather_to_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
