@@ -17,5 +17,10 @@ setup(
     package_data={"fastclip": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=7"], "tensorboard": ["tensorboard"], "wandb": ["wandb"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        "bench": ["scikit-learn"],  # the handwritten-digits set of the convergence benchmark
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+    },
 )
