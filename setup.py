@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     install_requires=_requirements(),
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scikit-learn"],
         "bench": ["scikit-learn"],  # the handwritten-digits set of the convergence benchmark
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
