@@ -20,7 +20,7 @@ import struct
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -137,9 +137,8 @@ def write_test_folder(images: np.ndarray, labels: np.ndarray, directory: Path) -
         Image.fromarray(image).save(directory / CLASS_NAMES[label] / f"{i:05d}.png")
 
 
-def _clear_previous_build(out: Path, settings: dict) -> dict | None:
+def _clear_previous_build(out: Path, manifest: Path, settings: dict) -> dict | None:
     """The manifest's result when `out` holds a build with these settings; else make room for one."""
-    manifest = out / MANIFEST
     if manifest.is_file():
         built = json.loads(manifest.read_text())
         if built["settings"] == settings:
@@ -152,31 +151,46 @@ def _clear_previous_build(out: Path, settings: dict) -> dict | None:
     return None
 
 
-def build_demo(out: str | Path, samples_per_shard: int = 2500, limit: int | None = None,
-               source: Path | None = None) -> DemoData:
-    """Build the demo data under `out` once; later calls with the same settings only read its manifest.
+def build_once(out: str | Path, manifest_name: str, settings: dict,
+               write: Callable[[Path], tuple[str, int, int]]) -> DemoData:
+    """Build a data set's train/ shards and test/ folder under `out` once; later calls with the same
+    settings only read its manifest.
 
-    `limit` keeps the first `limit` training and test images (for quick runs and tests). Everything is
-    written to a staging folder first, so an interrupted build leaves nothing that looks complete.
+    `write(staging)` writes staging/train and staging/test and returns (shard pattern relative to
+    train/, data_size, training pairs). Everything lands in a staging folder first, so an interrupted
+    build leaves nothing that looks complete.
     """
     out = Path(out).resolve()
-    settings = {"samples_per_shard": samples_per_shard, "limit": limit}
-    result = _clear_previous_build(out, settings)
+    manifest = out / manifest_name
+    result = _clear_previous_build(out, manifest, settings)
     if result is None:
-        directory = find_fashion_mnist(source)
         staging = out / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
-        train_images, train_labels = _load(directory, "train", limit)
-        pattern, data_size = write_train_shards(train_images, train_labels, staging / "train", samples_per_shard)
-        write_test_folder(*_load(directory, "test", limit), staging / "test")
+        pattern, data_size, num_samples = write(staging)
         for part in ("train", "test"):
             os.replace(staging / part, out / part)
         staging.rmdir()
-        result = {"train_shards": f"train/{pattern}", "data_size": data_size, "num_samples": len(train_images),
+        result = {"train_shards": f"train/{pattern}", "data_size": data_size, "num_samples": num_samples,
                   "test_dir": "test"}
-        (out / MANIFEST).write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+        manifest.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
     return DemoData(str(out / result["train_shards"]), result["data_size"], result["num_samples"],
                     out / result["test_dir"])
+
+
+def build_demo(out: str | Path, samples_per_shard: int = 2500, limit: int | None = None,
+               source: Path | None = None) -> DemoData:
+    """Build the demo data under `out` once (see `build_once`).
+
+    `limit` keeps the first `limit` training and test images (for quick runs and tests).
+    """
+    def write(staging: Path) -> tuple[str, int, int]:
+        directory = find_fashion_mnist(source)
+        train_images, train_labels = _load(directory, "train", limit)
+        pattern, data_size = write_train_shards(train_images, train_labels, staging / "train", samples_per_shard)
+        write_test_folder(*_load(directory, "test", limit), staging / "test")
+        return pattern, data_size, len(train_images)
+
+    return build_once(out, MANIFEST, {"samples_per_shard": samples_per_shard, "limit": limit}, write)
 
 
 def main(argv: Sequence[str] | None = None) -> DemoData:
