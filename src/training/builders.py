@@ -6,7 +6,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -66,8 +66,24 @@ def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> D
                                        **common)
     if not (args.val_data and env.is_master):
         return DataBundle(train, None)
-    return DataBundle(train, lambda: build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer,
-                                                      args.batch_size, workers=args.workers, pin_memory=pin))
+
+    def val() -> Iterable[dict]:
+        loader = build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer, args.batch_size,
+                                  workers=args.workers, pin_memory=pin)
+        return first_samples(loader, args.val_num_samples) if args.val_num_samples else loader
+
+    return DataBundle(train, val)
+
+
+def first_samples(batches: Iterable[dict], limit: int) -> Iterator[dict]:
+    """The first `limit` samples of a stream of batches (--val-num-samples), the last batch cut to fit."""
+    remaining = limit
+    for batch in batches:
+        if remaining <= 0:
+            return
+        size = len(batch["index"])
+        yield batch if size <= remaining else {k: v[:remaining] if torch.is_tensor(v) else v for k, v in batch.items()}
+        remaining -= size
 
 
 def run_evaluations(

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--train-data", type=str, default=None, help="webdataset shards: brace patterns, '::'-joined lists")
     p.add("--val-data", type=str, default=None, help="webdataset shards for retrieval evaluation")
     p.add("--train-num-samples", type=int, default=None, help="samples per epoch (sets steps per epoch)")
-    p.add("--val-num-samples", type=int, default=None, help="samples in --val-data (optional)")
+    p.add("--val-num-samples", type=int, default=None, help="evaluate retrieval on the first N pairs of --val-data (default: all)")
     p.add("--data_size", type=int, default=None, help="upper bound (exclusive) of sample keys; FastCLIP state size")
     p.add("--dataset-type", choices=("webdataset", "synthetic", "auto"), default="auto")
     p.add("--imagenet-val", type=str, default=None, help="ImageNet-style folder for zero-shot evaluation")
