@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .writer import encode_image, img2dataset_key, shard_sample, write_shard
+from .writer import encode_image, shard_sample, write_shards
 
 CLASS_NAMES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -109,24 +109,16 @@ def caption(label: int, rng: np.random.Generator) -> str:
     return TEMPLATES[rng.integers(len(TEMPLATES))].format(f"{article} {name}")
 
 
-def _sample(key: str, image: np.ndarray, label: int, rng: np.random.Generator) -> dict:
-    return shard_sample(key, encode_image(image), caption(label, rng), meta={"label": label})
-
-
 def write_train_shards(images: np.ndarray, labels: np.ndarray, directory: Path,
                        samples_per_shard: int) -> tuple[str, int]:
-    """Shards 00000.tar, ... with img2dataset keys; returns their file-name brace pattern and data_size."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Captioned shards with img2dataset keys; returns their file-name brace pattern and data_size."""
     rng = np.random.default_rng(0)
-    starts = range(0, len(images), samples_per_shard)
-    for shard_id, start in enumerate(starts):
-        positions = range(min(samples_per_shard, len(images) - start))
-        write_shard(directory / f"{shard_id:05d}.tar",
-                    (_sample(img2dataset_key(shard_id, p, samples_per_shard), images[start + p],
-                             int(labels[start + p]), rng) for p in positions))
-    last = len(images) - 1
-    data_size = int(img2dataset_key(last // samples_per_shard, last % samples_per_shard, samples_per_shard)) + 1
-    return f"{{00000..{len(starts) - 1:05d}}}.tar", data_size
+
+    def sample(key: str, i: int) -> dict:
+        label = int(labels[i])
+        return shard_sample(key, encode_image(images[i]), caption(label, rng), meta={"label": label})
+
+    return write_shards(len(images), sample, directory, samples_per_shard)
 
 
 def write_test_folder(images: np.ndarray, labels: np.ndarray, directory: Path) -> None:

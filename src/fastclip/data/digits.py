@@ -19,13 +19,13 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from .demo import DemoData, build_once
-from .writer import img2dataset_key, shard_sample, write_shard
+from .writer import shard_sample, write_shards
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {w}: the digit's word, {n}: its numeral. Both forms, so the text side must tie "7" and "seven" to
@@ -73,25 +73,16 @@ def load_split(test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return x_train, y_train, x_test, y_test
 
 
-def _samples(scans: np.ndarray, labels: np.ndarray, shard_id: int, start: int, samples_per_shard: int,
-             rng: np.random.Generator) -> Iterator[dict]:
-    for position in range(min(samples_per_shard, len(scans) - start)):
-        label = int(labels[start + position])
-        yield shard_sample(img2dataset_key(shard_id, position, samples_per_shard), to_image(scans[start + position]),
-                           caption(label, rng), meta={"label": label})
-
-
 def write_train_shards(scans: np.ndarray, labels: np.ndarray, directory: Path,
                        samples_per_shard: int) -> tuple[str, int]:
-    """Shards 00000.tar, ... with img2dataset keys; returns their file-name brace pattern and data_size."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Captioned shards with img2dataset keys; returns their file-name brace pattern and data_size."""
     rng = np.random.default_rng(0)
-    starts = range(0, len(scans), samples_per_shard)
-    for shard_id, start in enumerate(starts):
-        write_shard(directory / f"{shard_id:05d}.tar", _samples(scans, labels, shard_id, start, samples_per_shard, rng))
-    last = len(scans) - 1
-    data_size = int(img2dataset_key(last // samples_per_shard, last % samples_per_shard, samples_per_shard)) + 1
-    return f"{{00000..{len(starts) - 1:05d}}}.tar", data_size
+
+    def sample(key: str, i: int) -> dict:
+        label = int(labels[i])
+        return shard_sample(key, to_image(scans[i]), caption(label, rng), meta={"label": label})
+
+    return write_shards(len(scans), sample, directory, samples_per_shard)
 
 
 def write_test_folder(scans: np.ndarray, labels: np.ndarray, directory: Path) -> None:

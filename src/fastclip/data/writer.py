@@ -6,7 +6,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -64,3 +64,22 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> int:
             count += 1
     os.replace(partial, path)
     return count
+
+
+def write_shards(num_samples: int, make_sample: Callable[[str, int], dict[str, Any]], directory: str | Path,
+                 samples_per_shard: int) -> tuple[str, int]:
+    """Shards 00000.tar, 00001.tar, ... as img2dataset lays them out: sample i (in order) goes to shard
+    i // samples_per_shard with its img2dataset key, and `make_sample(key, i)` builds it.
+
+    Returns the shards' file-name brace pattern and data_size (the largest key + 1).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    starts = range(0, num_samples, samples_per_shard)
+    for shard_id, start in enumerate(starts):
+        positions = range(min(samples_per_shard, num_samples - start))
+        write_shard(directory / f"{shard_id:05d}.tar",
+                    (make_sample(img2dataset_key(shard_id, p, samples_per_shard), start + p) for p in positions))
+    last = num_samples - 1
+    data_size = int(img2dataset_key(last // samples_per_shard, last % samples_per_shard, samples_per_shard)) + 1
+    return f"{{00000..{len(starts) - 1:05d}}}.tar", data_size
