@@ -141,7 +141,8 @@ class Trainer:
         step_time = elapsed / window_steps
         samples_per_s = batch_size * self.world_size / step_time
         values = {k: float(v) for k, v in losses.items()}
-        values.update(self.objective.log_values())
+        objective_values = self.objective.log_values()
+        values.update(objective_values)
         values.update({
             "epoch": epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -157,7 +158,7 @@ class Trainer:
         total = steps_per_epoch * batch_size * self.world_size
         eta = format_duration((total_steps - global_step) * step_time)
         terms = " ".join(f"{k}: {values[k]:.5g}" for k in losses)
-        extra = " ".join(f"{k}: {v:.4g}" for k, v in self.objective.log_values().items())
+        extra = " ".join(f"{k}: {v:.4g}" for k, v in objective_values.items())
         timing = " ".join(f"{k}: {1000 * values['time_' + k]:.1f}ms" for k in PHASES if "time_" + k in values)
         self.logger.info(
             f"Train Epoch: {epoch} [{seen:>{len(str(total))}}/{total} ({100 * step_in_epoch / steps_per_epoch:.0f}%)] "
