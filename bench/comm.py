@@ -2,7 +2,7 @@
 
 Measured, per variant (OpenCLIP `--local-loss --gather-with-grad`, FastCLIP-v0..v3), over real
 `Trainer` steps of the tiny model on 2 processes, three ways:
-- `fastclip.dist.comm.COUNTER`, the project's own accounting (OpenCLIP's is computed by its
+- `fastclip.distributed.comm.COUNTER`, the project's own accounting (OpenCLIP's is computed by its
   objective, since open_clip's ClipLoss calls torch.distributed itself);
 - every torch.distributed collective intercepted in the process (what really ran, kind included);
 - DDP's gradient all-reduce, which neither sees (the C++ reducer), through a counting comm hook.
@@ -33,7 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.dist import comm  # noqa: E402
+from fastclip.distributed import comm  # noqa: E402
 from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, MODEL, OPENCLIP, build_trainer,  # noqa: E402
                    run_on_ranks, run_window, synthetic_batches)
 from tables import human_bytes  # noqa: E402

@@ -132,7 +132,7 @@ VARIANTS = (
 
 def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_size: int):
     """Our engine wired as training/main.py wires it for one process, from the same flags."""
-    from fastclip.dist import init_distributed
+    from fastclip.distributed import init_distributed
     from fastclip.engine import Trainer
     from fastclip.models import build_model
     from fastclip.optim import build_optimizer

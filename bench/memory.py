@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.dist import comm  # noqa: E402
+from fastclip.distributed import comm  # noqa: E402
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective  # noqa: E402
 from ranks import CC3M_DATA_SIZE, OPENCLIP, build_trainer, rank_device, run_on_ranks, run_window  # noqa: E402
 from ranks import synthetic_batches  # noqa: E402

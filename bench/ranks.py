@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastclip.dist import DistEnv, comm
+from fastclip.distributed import DistEnv, comm
 from fastclip.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
 from fastclip.models import build_model

@@ -14,7 +14,7 @@ import pytest
 import torch
 from multiprocess import spawn
 
-from fastclip.dist import comm
+from fastclip.distributed import comm
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.models import build_model
 

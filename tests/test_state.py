@@ -9,7 +9,7 @@ import pytest
 import torch
 from multiprocess import spawn
 
-from fastclip.dist import comm
+from fastclip.distributed import comm
 from fastclip.state import ShardedState, _last_occurrence
 
 N = 11  # divisible by neither 2 nor 3: the last shards are ragged

@@ -13,7 +13,7 @@ import torch
 from fastclip import evaluate
 from fastclip.data.synthetic import build_synthetic_loader
 from fastclip.data.wds import TrainLoader, build_train_loader, build_val_loader
-from fastclip.dist import DistEnv
+from fastclip.distributed import DistEnv
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.losses.openclip import OpenCLIPObjective

@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastclip import checkpoint as ckpt  # noqa: E402
-from fastclip.dist import DistEnv, init_distributed  # noqa: E402
-from fastclip.dist.env import close_distributed  # noqa: E402
+from fastclip.distributed import DistEnv, init_distributed  # noqa: E402
+from fastclip.distributed.env import close_distributed  # noqa: E402
 from fastclip.engine import Trainer  # noqa: E402
 from fastclip.log import MetricsSink, setup_logging  # noqa: E402
 from fastclip.models import build_model  # noqa: E402

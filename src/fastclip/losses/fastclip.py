@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..dist import comm
+from ..distributed import comm
 from ..schedules import gamma_at_epoch
 from ..state import ShardedState
 from . import functional as fn

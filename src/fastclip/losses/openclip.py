@@ -5,7 +5,7 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from ..dist import comm
+from ..distributed import comm
 
 
 class OpenCLIPObjective:
