@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):  # `python src/training/main.py`: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastclip import checkpoint as ckpt  # noqa: E402
+from fastclip.checkpoint import files as ckpt  # noqa: E402
 from fastclip.distributed import DistEnv, init_distributed  # noqa: E402
 from fastclip.distributed.env import close_distributed  # noqa: E402
 from fastclip.engine import Trainer  # noqa: E402
