@@ -11,10 +11,14 @@ from typing import Iterable
 
 import torch
 
+from typing import Protocol
+
+from .guard import NonFiniteGuard, make_grad_scaler
 from .log import LOGGER_NAME, MetricsSink, format_duration
 from .losses.base import Objective
 from .optim import clamp_logit_scale, unwrap
 from .precision import Precision
+from .progress import Progress
 from .schedules import LrSchedule, TauLrSchedule
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -47,6 +51,12 @@ class StepTimer:
         return totals
 
 
+class StepHook(Protocol):
+    def after_step(self, progress: Progress) -> bool:
+        """Called after every step; True ends the epoch there (the run stops)."""
+        ...
+
+
 @dataclass
 class Trainer:
     model: torch.nn.Module  # possibly DDP-wrapped
@@ -61,12 +71,13 @@ class Trainer:
     log_every_n_steps: int = 100
     profile: bool = False
     metrics: MetricsSink | None = None
-    scaler: torch.amp.GradScaler | None = None
+    max_bad_steps: int = 20
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
 
     def __post_init__(self) -> None:
-        if self.scaler is None and self.precision.grad_scaler:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+        # Every optimizer step goes through the scaler, which skips non-finite steps on the device.
+        self.scaler = make_grad_scaler(self.device, self.precision.grad_scaler)
+        self.guard = NonFiniteGuard(self.device, self.max_bad_steps)
         self.timer = StepTimer(self.device, self.profile)
 
     def temperature(self) -> float:
@@ -90,81 +101,87 @@ class Trainer:
             total = sum(losses.values())
         self.timer.lap("objective")
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
         self.timer.lap("backward")
-        if self.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.guard.record(self._gradient_norm())
+        self.scaler.step(self.optimizer)  # skipped (on the device) when a gradient is not finite
+        self.scaler.update(None if self.precision.grad_scaler else 1.0)
         clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
         self.timer.lap("optimizer")
         return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
 
-    def train_epoch(self, loader: Iterable[dict], epoch: int, global_step: int, steps_per_epoch: int,
-                    total_steps: int) -> int:
-        """Train one epoch of `steps_per_epoch` batches; returns the global step after it."""
+    def _gradient_norm(self) -> torch.Tensor:
+        """The total gradient norm (clipping to --grad-clip-norm when set), a device tensor."""
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters])
+
+    def train_epoch(self, loader: Iterable[dict], progress: Progress, steps_per_epoch: int, total_steps: int,
+                    hook: StepHook | None = None) -> bool:
+        """Train the rest of epoch `progress.epoch` (from `progress.step_in_epoch`), advancing `progress`.
+
+        Returns False when `hook` ended the epoch early. The loader yields the epoch's remaining batches.
+        """
         self.model.train()
-        self.objective.on_epoch_start(epoch)
+        self.objective.on_epoch_start(progress.epoch)
         batch_size = None
         skipped = 0
         window_start = time.perf_counter()
         window_steps = 0
         self.timer.start()
-        for i, batch in enumerate(loader):
-            if i >= steps_per_epoch:
+        for batch in loader:
+            if progress.step_in_epoch >= steps_per_epoch:
                 break
-            self.set_learning_rates(global_step)
+            self.set_learning_rates(progress.global_step)
             losses = self.train_step(batch)
             batch_size = batch["image"].shape[0]
             skipped += int(batch.get("skipped", 0))
-            global_step += 1
+            progress.step()
             window_steps += 1
-            last = i + 1 == steps_per_epoch
-            if (i + 1) % self.log_every_n_steps == 0 or last:
+            last = progress.step_in_epoch == steps_per_epoch
+            if progress.step_in_epoch % self.log_every_n_steps == 0 or last:
                 elapsed = time.perf_counter() - window_start
-                self._log_progress(epoch, i + 1, steps_per_epoch, global_step, total_steps, batch_size,
-                                   losses, elapsed, window_steps, skipped)
+                self._log_progress(progress, steps_per_epoch, total_steps, batch_size, losses, elapsed,
+                                   window_steps, skipped)
                 window_start, window_steps = time.perf_counter(), 0
+            if hook is not None and hook.after_step(progress):
+                return False
             self.timer.start()
-        return global_step
+        return True
 
-    def _log_progress(self, epoch: int, step_in_epoch: int, steps_per_epoch: int, global_step: int,
-                      total_steps: int, batch_size: int, losses: dict[str, torch.Tensor], elapsed: float,
-                      window_steps: int, skipped: int) -> None:
+    def _log_progress(self, progress: Progress, steps_per_epoch: int, total_steps: int, batch_size: int,
+                      losses: dict[str, torch.Tensor], elapsed: float, window_steps: int, skipped: int) -> None:
         step_time = elapsed / window_steps
         samples_per_s = batch_size * self.world_size / step_time
         values = {k: float(v) for k, v in losses.items()}
         objective_values = self.objective.log_values()
         values.update(objective_values)
         values.update({
-            "epoch": epoch,
+            "epoch": progress.epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
             "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
             "samples_per_second": samples_per_s,
             "samples_per_second_per_rank": samples_per_s / self.world_size,
             "skipped_samples": skipped,
+            "non_finite_steps": int(self.guard.total),
         })
         phases = self.timer.reset()
         if phases:
             values.update({f"time_{k}": v / window_steps for k, v in phases.items()})
+        step_in_epoch = progress.step_in_epoch
         seen = step_in_epoch * batch_size * self.world_size
         total = steps_per_epoch * batch_size * self.world_size
-        eta = format_duration((total_steps - global_step) * step_time)
+        eta = format_duration((total_steps - progress.global_step) * step_time)
         terms = " ".join(f"{k}: {values[k]:.5g}" for k in losses)
         extra = " ".join(f"{k}: {v:.4g}" for k, v in objective_values.items())
         timing = " ".join(f"{k}: {1000 * values['time_' + k]:.1f}ms" for k in PHASES if "time_" + k in values)
         self.logger.info(
-            f"Train Epoch: {epoch} [{seen:>{len(str(total))}}/{total} ({100 * step_in_epoch / steps_per_epoch:.0f}%)] "
+            f"Train Epoch: {progress.epoch} [{seen:>{len(str(total))}}/{total} ({100 * step_in_epoch / steps_per_epoch:.0f}%)] "
             f"Step time: {step_time:.3f}s, {samples_per_s:.1f} samples/s, {samples_per_s / self.world_size:.1f}/s/rank "
             f"LR: {values['lr']:.6g} Logit Scale: {values['logit_scale']:.3f} {terms} {extra} "
-            f"Skipped: {skipped} ETA: {eta} {timing}".rstrip()
+            f"Skipped: {skipped} Non-finite steps: {values['non_finite_steps']} ETA: {eta} {timing}".rstrip()
         )
         if self.metrics is not None:
-            self.metrics.write(global_step, values)
+            self.metrics.write(progress.global_step, values)

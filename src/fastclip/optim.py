@@ -16,12 +16,14 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     temperature_lr: float | None = None,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
     """Groups: 'decay' (weights), 'no_decay' (gains, biases), and 'temperature' (logit_scale).
 
     With `temperature_lr` None the logit_scale sits in 'no_decay' and follows the model lr (OpenCLIP);
     otherwise it gets its own group with that lr (FastCLIP's --lr_tau). A frozen logit_scale
-    (requires_grad False) is left out entirely.
+    (requires_grad False) is left out entirely. `fused` (GPUs): one kernel per step, and a grad
+    scaler skips a non-finite step inside it, without a host synchronisation.
     """
     groups: dict[str, list[torch.Tensor]] = {"decay": [], "no_decay": [], "temperature": []}
     for name, param in model.named_parameters():
@@ -41,7 +43,8 @@ def build_optimizer(
         param_groups.append(
             {"name": "temperature", "params": groups["temperature"], "weight_decay": 0.0, "lr": temperature_lr}
         )
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps,
+                             fused=fused or None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -78,9 +78,12 @@ class ShardedState:
         """Write the rows this rank owns out of the gathered batch's new values (m, C).
 
         A sample present several times keeps the values of its last position in the batch, on any K.
+        A batch holding any NaN or inf value is not stored at all (its step is skipped too; decided on
+        the device, with no host synchronisation).
         """
         owned, slot = self._owned_slots(gathered_index)
-        keep = owned & _last_occurrence(gathered_index.to(owned.device))
+        finite = torch.isfinite(gathered_values).all()
+        keep = owned & _last_occurrence(gathered_index.to(owned.device)) & finite
         target = torch.where(keep, slot, self.rows)
         self._storage.index_copy_(0, target, gathered_values.to(self._storage.dtype))
 

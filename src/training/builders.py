@@ -1,27 +1,83 @@
-"""From parsed flags to library objects: the only place where argparse meets the fastclip library."""
+"""From parsed flags to library objects: the only place where argparse meets the fastclip library.
+
+`build_trainer` wires a model and an objective into a `Trainer` (optimizer, schedules, DDP); the
+benchmarks use it as the training script does. `build_run` sets up a whole run: its folder and lock,
+logging, model, objective, data, trainer, checkpointer and the between-steps control.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from fastclip import evaluate
+from fastclip.checkpoint import files
+from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
 from fastclip.data.synthetic import build_synthetic_loader
 from fastclip.data.wds import TrainLoader, build_train_loader, build_val_loader
 from fastclip.distributed import DistEnv
+from fastclip.distributed import control
+from fastclip.engine import Trainer
+from fastclip.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.losses.openclip import OpenCLIPObjective
-from fastclip.models import ModelBundle
-from fastclip.optim import unwrap
-from fastclip.precision import Precision
+from fastclip.models import ModelBundle, build_model
+from fastclip.optim import build_optimizer, unwrap
+from fastclip.precision import Precision, resolve_precision
+from fastclip.run_control import RunControl, SavePolicy
+from fastclip.runlock import RunFolderBusy, RunLock
+from fastclip.schedules import LrSchedule, TauLrSchedule
+from fastclip.signals import StopSignals
+from training.params import save_params
 
 logger = logging.getLogger("fastclip")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DDP without device_ids on CPU (a CPU device id fails); buffers are broadcast every step only
+    when some change in training (batch norm statistics), not for constant ones like attention masks."""
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    has_running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=has_running_stats)
+
+
+def build_trainer(args: argparse.Namespace, env: DistEnv, model: torch.nn.Module, objective: Objective,
+                  precision: Precision, steps_per_epoch: int, metrics: MetricsSink | None = None) -> Trainer:
+    """Optimizer, schedules over `args.epochs` epochs of `steps_per_epoch`, DDP and compile around `model`."""
+    if not objective.learns_model_temperature:
+        model.logit_scale.requires_grad_(False)
+    tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
+    optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr,
+                                fused=env.device.type == "cuda")
+    total_steps = steps_per_epoch * args.epochs
+    cooldown_steps = (args.epochs_cooldown or 0) * steps_per_epoch
+    lr_schedule = LrSchedule(args.lr_scheduler, args.lr, args.warmup, total_steps, cooldown_steps, args.lr_cooldown_end)
+    tau_schedule = TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, total_steps)
+    if env.distributed:
+        model = wrap_ddp(model, env)
+    if args.torchcompile:
+        model = torch.compile(model)
+    return Trainer(
+        model=model, objective=objective, optimizer=optimizer, lr_schedule=lr_schedule, tau_schedule=tau_schedule,
+        precision=precision, device=env.device, world_size=env.world_size, grad_clip_norm=args.grad_clip_norm,
+        log_every_n_steps=args.log_every_n_steps, profile=args.profile, metrics=metrics,
+        max_bad_steps=args.max_bad_steps,
+    )
 
 
 def build_objective(args: argparse.Namespace, env: DistEnv) -> Objective:
@@ -117,3 +173,112 @@ def run_evaluations(
         shown = " ".join(f"{k}: {v if isinstance(v, int) else round(v, 4)}" for k, v in metrics.items())
         logger.info("Eval Epoch: %d %s", epoch, shown)
     return metrics
+
+
+@dataclass
+class Run:
+    """A set-up run; `trainer` and `control` are None when it only evaluates."""
+
+    args: argparse.Namespace
+    env: DistEnv
+    run_dir: Path
+    bundle: ModelBundle
+    precision: Precision
+    data: DataBundle
+    trainer: Trainer | None
+    checkpointer: Checkpointer | None
+    control: RunControl | None
+    stack: contextlib.ExitStack  # what `close` undoes: the lock, the signal handlers, the metrics files
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model if self.trainer is None else self.trainer.model
+
+    def evaluate(self, epoch: int, final: bool = True) -> dict:
+        return run_evaluations(self.args, self.env, self.model, self.bundle, self.data, epoch, self.run_dir,
+                               self.precision, final)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def trains(args: argparse.Namespace) -> bool:
+    return args.dataset_type != "none" and args.epochs > 0
+
+
+def prepare_run_dir(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> Path:
+    """The run's folder, locked by rank 0 for the whole run; an existing run's folder is an error unless
+    the run resumes (or only evaluates). Every rank raises the same one-line error."""
+    run_dir = Path(args.logs) / args.name
+    checkpoint_dir = run_dir / "checkpoints"
+    error = None
+    if trains(args) and args.resume is None and files.checkpoint_files(checkpoint_dir):
+        error = (f"error: {run_dir} already holds checkpoints. Continue it with --resume latest, "
+                 "or pick another --name.")
+    elif env.is_master:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            stack.callback(lock.release)
+        except RunFolderBusy as busy:
+            error = f"error: {busy}"
+    error = control.broadcast_from_master(error)
+    if error is not None:
+        raise SystemExit(error)
+    return run_dir
+
+
+def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
+    """Everything a run needs, built in order; rank 0 owns the folder (lock, params, logs)."""
+    stack = contextlib.ExitStack()
+    run_dir = prepare_run_dir(args, env, stack)
+    setup_logging(run_dir / "out.log", env.rank)
+    if env.is_master:
+        save_params(args, run_dir)
+        removed = files.remove_leftovers(run_dir / "checkpoints")
+        if removed:
+            logger.info("removed %d leftovers of interrupted saves (e.g. %s)", len(removed), removed[0].name)
+    logger.info("run %s: rank %d of %d on %s", args.name, env.rank, env.world_size, env.device)
+    seed_everything(args.seed)  # identical initial weights on every rank
+    precision = resolve_precision(args.precision, env.device)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype, args.pretrained,
+                         args.grad_checkpointing)
+    data = build_data(args, env, bundle)
+    if not trains(args) or data.train is None:
+        return Run(args, env, run_dir, bundle, precision, data, None, None, None, stack)
+    objective = build_objective(args, env)
+    metrics = stack.enter_context(contextlib.closing(
+        MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master)))
+    trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
+    parts = StatefulParts(trainer.model, trainer.optimizer, trainer.scaler, objective, trainer.tau_schedule,
+                          trainer.guard, data.train, extra={"name": args.name, "config": plain_config(args)})
+    checkpointer = Checkpointer(run_dir / "checkpoints", parts)
+    policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,
+                        args.save_every_n_steps, args.save_every_minutes)
+    signals = stack.enter_context(StopSignals())
+    run_control = RunControl(checkpointer, policy, signals, trainer.guard)
+    stack.callback(run_control.close)
+    return Run(args, env, run_dir, bundle, precision, data, trainer, checkpointer, run_control, stack)
+
+
+def plain_config(args: argparse.Namespace) -> dict:
+    """The resolved flags that a weights_only checkpoint can hold."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def resume_candidates(args: argparse.Namespace, run_dir: Path) -> tuple[list[Path], bool]:
+    """The checkpoints `--resume` names, newest first, and whether the user named one explicitly."""
+    if args.resume is None:
+        return [], False
+    if args.resume != "latest":
+        return [Path(args.resume)], True
+    candidates, unreadable = files.newest_first(run_dir / "checkpoints")
+    for problem in unreadable:
+        logger.warning("--resume latest: skipping a bad checkpoint: %s", problem)
+    if not candidates and not unreadable:
+        logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", run_dir / "checkpoints")
+    elif not candidates:
+        raise SystemExit(f"error: --resume latest: no usable checkpoint in {run_dir / 'checkpoints'}")
+    return candidates, False

@@ -89,7 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--resume", type=str, default=None, help="checkpoint path, or 'latest' in this run's folder")
     p.add("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs (0: never)")
     p.add("--save-most-recent", action="store_true", help="also keep epoch_latest.pt, rewritten every epoch")
-    p.add("--delete-previous-checkpoint", action="store_true")
+    p.add("--delete-previous-checkpoint", action="store_true",
+          help="delete older epoch_N.pt files once the new one is complete")
+    p.add("--save-every-n-steps", type=int, default=0,
+          help="also save epoch_latest.pt every N steps, mid-epoch (0: off); a resume continues the epoch exactly")
+    p.add("--save-every-minutes", type=float, default=0.0,
+          help="also save epoch_latest.pt every M minutes of training, mid-epoch (0: off)")
+    p.add("--max-bad-steps", type=int, default=20,
+          help="stop (exit 77) after N consecutive steps with NaN/inf gradients; such steps are always skipped")
     p.add("--zeroshot-frequency", type=int, default=2, help="zero-shot evaluation every N epochs")
     p.add("--val-frequency", type=int, default=1, help="retrieval evaluation every N epochs")
     p.add("--log-every-n-steps", type=int, default=100)
@@ -100,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add("--dist-backend", type=str, default=None, help="default: nccl on GPU, gloo on CPU")
     p.add("--dist-url", type=str, default="env://")
+    p.add("--dist-timeout", type=float, default=30.0,
+          help="minutes a rank waits for the others in a collective before the run exits (code 76)")
     return p
 
 
@@ -161,6 +170,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
              f"lr{args.lr}", f"s{args.seed}"]
         )
     args.report_to = [r for r in args.report_to.split(",") if r]
+    for flag in ("save_every_n_steps", "save_every_minutes"):
+        if getattr(args, flag) < 0:
+            _fail(f"--{flag.replace('_', '-')} must be >= 0 (0: off), got {getattr(args, flag)}")
+    if args.max_bad_steps < 1:
+        _fail(f"--max-bad-steps must be >= 1, got {args.max_bad_steps}")
+    if not args.dist_timeout > 0:
+        _fail(f"--dist-timeout is in minutes and must be > 0, got {args.dist_timeout}")
     if not math.isfinite(args.temperature) or not 0.0 < args.temperature <= 1.0:
         _fail(f"--temperature must be in (0, 1], got {args.temperature}")
     return args

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import control
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -52,7 +54,8 @@ def init_distributed(
     """Start the process group when launched with several processes; a single process needs none.
 
     Under SLURM (srun) MASTER_ADDR / MASTER_PORT come from the job script, as in the seed's commands.
-    The backend is gloo on CPU and NCCL on GPU unless `backend` says otherwise.
+    The backend is gloo on CPU and NCCL on GPU unless `backend` says otherwise; `timeout_s` bounds how
+    long any collective waits for a rank that hung or died (--dist-timeout).
     """
     rank, world_size, local_rank = _launcher_ranks()
     torch_device = _pick_device(local_rank, device)
@@ -68,9 +71,11 @@ def init_distributed(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        control.init_control_group(datetime.timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
 def close_distributed() -> None:
+    control.close_control_group()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from ..state import ShardedState
+
 
 class Objective(Protocol):
     """A contrastive objective over one training step's local batch.
@@ -17,6 +19,8 @@ class Objective(Protocol):
     """
 
     learns_model_temperature: bool
+    per_sample: ShardedState | None  # per-sample state, checkpointed shard by shard; None when stateless
+    per_sample_columns: list[str]  # names of its columns, checked when a checkpoint is restored
 
     def __call__(
         self,
@@ -32,6 +36,8 @@ class Objective(Protocol):
         """Scalars worth a log line (gamma, mean temperature, ...)."""
         ...
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """Small values only: the per-sample state is saved shard by shard by the checkpointer."""
+        ...
 
     def load_state_dict(self, state: dict) -> None: ...

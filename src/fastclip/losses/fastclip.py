@@ -244,9 +244,17 @@ class FastCLIPObjective:
         tau = self.config.temperature if self._last_tau is None else self._last_tau.item()
         return {"gamma": self.gamma, "tau": tau}
 
+    @property
+    def per_sample(self) -> ShardedState:
+        return self.state
+
+    @property
+    def per_sample_columns(self) -> list[str]:
+        return list(self.columns)
+
     def state_dict(self) -> dict:
-        """Per-sample state in global index order (collective: every rank calls it)."""
-        return {"columns": list(self.columns), "per_sample": self.state.state_dict()}
+        """The column layout; the table itself is saved shard by shard (checkpoint/sharded.py)."""
+        return {"columns": list(self.columns)}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["columns"]) != self.columns:
@@ -254,4 +262,3 @@ class FastCLIPObjective:
                 f"checkpoint per-sample columns {state['columns']} do not match {self.columns} "
                 f"(temperature_scheme {self.config.temperature_scheme})"
             )
-        self.state.load_state_dict(state["per_sample"])

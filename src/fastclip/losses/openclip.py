@@ -12,6 +12,8 @@ class OpenCLIPObjective:
     """Mini-batch contrastive loss over the gathered batch (`--local-loss --gather-with-grad`)."""
 
     learns_model_temperature = True
+    per_sample = None
+    per_sample_columns: list[str] = []
 
     def __init__(self, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> None:
         self.loss = open_clip.ClipLoss(

@@ -1,0 +1,227 @@
+"""The run's stateful parts, saved and restored in one call each.
+
+Saving is collective. Every rank writes its rows of the per-sample state to its own file in a fresh
+`<stem>.per_sample.<token>/` folder (in parallel, in bounded chunks: no rank ever holds more than its
+own shard), and sends rank 0 a few small values (its RNG states and its data position). Rank 0 then
+writes the manifest and the `<stem>.pt` itself, atomically; the .pt names the folder, so the new
+checkpoint exists exactly when its .pt does and the previous one stays intact until then.
+
+Restoring is collective too: each candidate (newest first for `latest`) is verified on every rank
+(the .pt loads and holds finite weights; the rank's per-sample files match their manifest and
+checksums) and used only when every rank could read its part; otherwise all ranks move on together.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..distributed import comm, control
+from ..guard import NonFiniteGuard
+from ..losses.base import Objective
+from ..optim import unwrap
+from ..progress import Progress
+from ..schedules import TauLrSchedule
+from . import files, sharded
+
+logger = logging.getLogger("fastclip")
+
+
+@dataclass
+class StatefulParts:
+    """Everything a run changes as it trains; `loader` is the training loader (position in the epoch)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    tau_schedule: TauLrSchedule
+    guard: NonFiniteGuard
+    loader: Any = None
+    extra: dict = field(default_factory=dict)  # recorded, never restored (run name, resolved flags)
+
+
+def capture_rng() -> dict:
+    """This process's random states (python, numpy, torch, CUDA) as weights_only-loadable values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the previous one is intact."""
+
+
+class Checkpointer:
+    def __init__(self, checkpoint_dir: Path, parts: StatefulParts) -> None:
+        self.dir = checkpoint_dir
+        self.parts = parts
+
+    # ------------------------------------------------------------------------------------- saving
+
+    def save(self, progress: Progress, stem: str) -> Path:
+        """Write `<stem>.pt` (+ per-sample folder) for `progress`; collective. Raises
+        `CheckpointWriteError` on every rank when any rank failed."""
+        path = self.dir / f"{stem}.pt"
+        token = control.broadcast_from_master(f"{progress.global_step}-{secrets.token_hex(4)}")
+        state_dir = self.dir / f"{stem}.per_sample.{token}" if self.parts.objective.per_sample is not None else None
+        shard, error = None, None
+        if state_dir is not None:
+            try:
+                shard = sharded.write_shard(self.parts.objective.per_sample, state_dir)
+            except OSError as err:
+                error = _write_error(state_dir, err)
+        rank_state = {"rng": capture_rng(), "data": self._loader_position()}
+        gathered = control.gather_to_master((shard, error, rank_state))
+        if comm.rank() == 0:
+            error = self._commit(path, progress, state_dir, gathered)
+        error = control.broadcast_from_master(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
+        logger.info("saved %s (epoch %d, step %d)", path, progress.epoch, progress.global_step)
+        return path
+
+    def _commit(self, path: Path, progress: Progress, state_dir: Path | None, gathered: list) -> str | None:
+        """Rank 0: manifest, then the .pt; on failure remove the new folder and say why."""
+        error = next((e for _, e, _ in gathered if e is not None), None)
+        try:
+            if error is None:
+                if state_dir is not None:
+                    per_sample = self.parts.objective.per_sample
+                    sharded.write_manifest(state_dir, [s for s, _, _ in gathered], per_sample.data_size,
+                                           comm.world_size(), self.parts.objective.per_sample_columns,
+                                           per_sample.table.dtype)
+                files.save_atomic(self._payload(progress, state_dir, [r for *_, r in gathered]), path)
+                files.remove_superseded_state(path, keep=state_dir)
+                return None
+        except OSError as err:
+            error = _write_error(path, err)
+        except (files.CheckpointError, files.DiskFullError) as err:
+            error = str(err)
+        if state_dir is not None:
+            files.remove_path(state_dir)
+        return error
+
+    def _payload(self, progress: Progress, state_dir: Path | None, ranks: list[dict]) -> dict:
+        parts = self.parts
+        weights = unwrap(parts.model).state_dict()
+        bad = files.non_finite_tensors(weights)
+        if bad:
+            raise files.CheckpointError(f"refusing to save: {len(bad)} model tensors hold NaN or inf (e.g. {bad[0]})")
+        return {
+            **parts.extra,
+            "epoch": progress.epoch,
+            "step": progress.global_step,
+            "step_in_epoch": progress.step_in_epoch,
+            "world_size": comm.world_size(),
+            "state_dict": weights,
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "objective": parts.objective.state_dict(),
+            "tau_schedule": parts.tau_schedule.state_dict(),
+            "guard": parts.guard.state_dict(),
+            "per_sample_dir": None if state_dir is None else state_dir.name,
+            "ranks": ranks,
+        }
+
+    def _loader_position(self) -> dict | None:
+        return None if self.parts.loader is None else self.parts.loader.state_dict()
+
+    # ----------------------------------------------------------------------------------- restoring
+
+    def restore(self, candidates: list[Path], explicit: bool) -> Progress:
+        """Load the first candidate every rank can read (collective); a fresh Progress when none given.
+
+        `explicit` (a --resume PATH): a bad file is an error. Otherwise (--resume latest) a bad file
+        is skipped with a warning naming it, and the next newest is tried.
+        """
+        problems = []
+        for path in candidates:
+            checkpoint, error = self._read(path)
+            error = control.first_error(error)
+            if error is None:
+                return self._apply(path, checkpoint)
+            if explicit:
+                raise files.CheckpointError(error)
+            logger.warning("--resume latest: skipping a bad checkpoint: %s", error)
+            problems.append(error)
+        if problems:
+            raise files.CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems))
+        return Progress()
+
+    def _read(self, path: Path) -> tuple[dict | None, str | None]:
+        """This rank's part of a checkpoint, verified: the .pt, and its rows of the per-sample state."""
+        try:
+            checkpoint = files.load(path)
+            per_sample = self.parts.objective.per_sample
+            if per_sample is not None:
+                state_dir = files.per_sample_dir(path, checkpoint)
+                if state_dir is None:
+                    raise files.CheckpointError(f"{path} holds no per-sample state, which this objective needs "
+                                                "(was it written by an OpenCLIP run?)")
+                sharded.load_shard(per_sample, state_dir, self.parts.objective.per_sample_columns)
+        except (files.CheckpointError, sharded.StateFileError) as err:
+            return None, str(err)
+        return checkpoint, None
+
+    def _apply(self, path: Path, checkpoint: dict) -> Progress:
+        parts = self.parts
+        unwrap(parts.model).load_state_dict(files.model_state(checkpoint))
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint:
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+        parts.objective.load_state_dict(checkpoint["objective"])
+        parts.tau_schedule.load_state_dict(checkpoint["tau_schedule"])
+        parts.guard.load_state_dict(checkpoint.get("guard", {}))
+        progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
+        self._restore_rank_state(checkpoint, progress)
+        logger.info("resumed from %s at epoch %d, step %d (%d into the epoch)", path, progress.epoch,
+                    progress.global_step, progress.step_in_epoch)
+        return progress
+
+    def _restore_rank_state(self, checkpoint: dict, progress: Progress) -> None:
+        """This rank's RNG states and data position, when the checkpoint was written by as many ranks."""
+        ranks = checkpoint.get("ranks")
+        if progress.step_in_epoch == 0:
+            return  # an epoch boundary: the loop reseeds and starts the epoch's stream itself
+        if not ranks or len(ranks) != comm.world_size():
+            logger.warning("the checkpoint was written by %s ranks and this run has %d: the rest of epoch %d "
+                           "draws from a fresh shuffle and fresh random states", len(ranks or []),
+                           comm.world_size(), progress.epoch)
+            return
+        mine = ranks[comm.rank()]
+        restore_rng(mine["rng"])
+        if self.parts.loader is not None and mine.get("data") is not None:
+            self.parts.loader.set_epoch(progress.epoch)
+            try:
+                self.parts.loader.load_state_dict(mine["data"])
+            except ValueError as err:
+                logger.warning("data position not restored (%s)", err)
+
+
+def _write_error(path: Path, error: OSError) -> str:
+    if error.errno in files.DISK_FULL_ERRNOS:
+        return files.disk_full_message(path, error)
+    return f"could not write {path}: {error}"

@@ -1,0 +1,78 @@
+"""Non-finite steps: skipped on the device, counted on the device, read by the host a step late.
+
+A step whose gradients hold NaN or inf never reaches the weights: the optimizer step goes through a
+`torch.amp.GradScaler`, which skips it on the device (with a fixed scale of 1 unless fp16 needs loss
+scaling; a scale of 1 multiplies nothing away). The gradients are all-reduced before the check, so
+every rank skips the same steps. The per-sample state of such a step is not stored either (see
+`ShardedState.store`). Counting happens in device tensors; the host learns the count of consecutive
+bad steps through a non-blocking copy that it reads once it has arrived, so no step waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LaggedValue:
+    """The host's view of a device scalar, never older than a few steps, read without a GPU sync.
+
+    On the CPU the value is read directly. On CUDA each `push` starts a non-blocking copy into pinned
+    memory and records an event; `value` returns the newest copy whose event has completed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._value = 0
+
+    def push(self, tensor: torch.Tensor) -> None:
+        if not self._cuda:
+            self._value = int(tensor)
+            return
+        host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host))
+
+    @property
+    def value(self) -> int:
+        while self._pending and self._pending[0][0].query():
+            self._value = int(self._pending.pop(0)[1])
+        return self._value
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps (total and consecutive) from each step's gradient norm."""
+
+    def __init__(self, device: torch.device, max_bad_steps: int) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+        self._consecutive_on_host = LaggedValue(device)
+
+    def record(self, grad_norm: torch.Tensor) -> None:
+        """Count the step as bad when its gradient norm is not finite (no host synchronisation)."""
+        bad = (~torch.isfinite(grad_norm)).to(torch.int64)
+        self.consecutive.mul_(bad).add_(bad)  # +1 on a bad step, back to 0 on a good one
+        self.total.add_(bad)
+        self._consecutive_on_host.push(self.consecutive)
+
+    @property
+    def exceeded(self) -> bool:
+        """True once the host has seen `max_bad_steps` consecutive non-finite steps."""
+        return self._consecutive_on_host.value >= self.max_bad_steps
+
+    def state_dict(self) -> dict:
+        return {"total": int(self.total)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total.fill_(int(state.get("total", 0)))
+
+
+def make_grad_scaler(device: torch.device, loss_scaling: bool) -> torch.amp.GradScaler:
+    """fp16 gets open_clip's dynamic loss scaling; other precisions a scaler kept at 1 (`keep_scale`),
+    used only to skip non-finite steps on the device."""
+    if loss_scaling:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0)
