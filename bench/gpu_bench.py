@@ -133,12 +133,10 @@ VARIANTS = (
 def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_size: int):
     """Our engine wired as training/main.py wires it for one process, from the same flags."""
     from fastclip.distributed import init_distributed
-    from fastclip.engine import Trainer
     from fastclip.models import build_model
-    from fastclip.optim import build_optimizer
     from fastclip.precision import resolve_precision
-    from fastclip.schedules import LrSchedule, TauLrSchedule
     from training.builders import build_objective
+    from training.builders import build_trainer as build_training
     from training.params import parse_args
 
     args = parse_args(["--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", setup.model,
@@ -147,13 +145,8 @@ def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_s
     env = init_distributed(args.device)
     precision = resolve_precision(args.precision, env.device)
     bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
-    objective = build_objective(args, env)
-    tau_lr = args.lr_tau if args.fastclip else None
-    optimizer = build_optimizer(bundle.model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr)
-    trainer = Trainer(model=bundle.model, objective=objective, optimizer=optimizer,
-                      lr_schedule=LrSchedule(args.lr_scheduler, args.lr, args.warmup, 10**6),
-                      tau_schedule=TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, 10**6),
-                      precision=precision, device=env.device)
+    trainer = build_training(args, env, bundle.model, build_objective(args, env), precision,
+                             steps_per_epoch=10**6 // args.epochs)
     return trainer, bundle
 
 

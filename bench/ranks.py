@@ -30,11 +30,10 @@ from fastclip.distributed import DistEnv, comm
 from fastclip.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
 from fastclip.models import build_model
-from fastclip.optim import build_optimizer
 from fastclip.precision import resolve_precision
-from fastclip.schedules import LrSchedule, TauLrSchedule
+from fastclip.progress import Progress
 from training.builders import build_objective
-from training.main import wrap_ddp
+from training.builders import build_trainer as build_training
 from training.params import parse_args
 
 MODEL = "ViT-Tiny-32px"
@@ -167,25 +166,16 @@ def build_variant_objective(variant: str, args: Any, device: torch.device) -> Ob
 
 
 def build_trainer(variant: str, batch_size: int, data_size: int, device: torch.device) -> Trainer:
-    """What training/main.py builds for the variant's flags, with the per-phase timer on (wall and CPU)."""
+    """What training/main.py builds for the variant's flags (`training.builders.build_trainer`), with the
+    per-phase timer on (wall and CPU)."""
     args = variant_args(variant, batch_size, data_size)
-    world_size = comm.world_size()
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     precision = resolve_precision(args.precision, device)
     model = build_model(args.model, device, args.temperature, precision.model_dtype).model
     objective = build_variant_objective(variant, args, device)
-    if not objective.learns_model_temperature:
-        model.logit_scale.requires_grad_(False)
-    tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
-    optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr)
-    total_steps = 10**6
-    if world_size > 1:
-        model = wrap_ddp(model, _env(device))
-    trainer = Trainer(model=model, objective=objective, optimizer=optimizer,
-                      lr_schedule=LrSchedule(args.lr_scheduler, args.lr, args.warmup, total_steps),
-                      tau_schedule=TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, total_steps),
-                      precision=precision, device=device, world_size=world_size, profile=True,
-                      metrics=WindowRecorder())
+    trainer = build_training(args, _env(device), model, objective, precision, steps_per_epoch=10**6 // args.epochs,
+                             metrics=WindowRecorder())
+    trainer.profile = True
     trainer.timer = WallAndCpuTimer(device, enabled=True)
     return trainer
 
@@ -219,7 +209,7 @@ def run_window(trainer: Trainer, batches: Iterable[dict], steps: int, global_ste
     Epoch 1: gamma < 1 and v2's Adam moments on, as in most of a run.
     """
     trainer.log_every_n_steps = steps
-    trainer.train_epoch(itertools.islice(batches, steps), epoch, global_step, steps, total_steps=10**6)
+    trainer.train_epoch(itertools.islice(batches, steps), Progress(epoch, 0, global_step), steps, total_steps=10**6)
     wall = {phase: trainer.metrics.last[f"time_{phase}"] for phase in PHASES}
     cpu = {phase: trainer.timer.last_cpu[phase] / steps for phase in PHASES}
     metrics = {f"{clock}_{phase}": value for clock, values in (("wall", wall), ("cpu", cpu))

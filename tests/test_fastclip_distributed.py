@@ -14,6 +14,7 @@ import pytest
 import torch
 from multiprocess import spawn
 
+from dense_state import dense_table
 from fastclip.distributed import comm
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.models import build_model
@@ -58,7 +59,7 @@ def two_steps(version: str, dtype: torch.dtype, inputs: dict) -> dict:
         named = model.module.named_parameters() if world > 1 else model.named_parameters()
         grads.append({name: p.grad.clone() for name, p in named if p.grad is not None})
         model.zero_grad(set_to_none=True)
-    return {"grads": grads, "state": objective.state_dict()["per_sample"]}
+    return {"grads": grads, "state": dense_table(objective.state)}
 
 
 def run_all(inputs_path: Path, out_path: Path) -> dict:

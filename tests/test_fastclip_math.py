@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+from dense_state import dense_table, load_dense
+
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.schedules import TauLrSchedule, gamma_at_epoch
 
@@ -142,10 +144,10 @@ def reference(obj, e1, e2, tau: float, index: list[int], before: torch.Tensor):
 
 
 def check_step(obj, e1, e2, tau: float, index: list[int]) -> None:
-    before = obj.state_dict()["per_sample"]
+    before = dense_table(obj.state)
     expected = reference(obj, e1, e2, tau, index, before)
     loss, g1, g2, g_tau = run(obj, e1, e2, tau, index)
-    after = obj.state_dict()["per_sample"]
+    after = dense_table(obj.state)
     torch.testing.assert_close(after, expected[0], rtol=1e-9, atol=1e-12)
     assert_rel(loss, expected[1], 1e-9)
     assert_rel(g1, expected[2], 1e-6)
@@ -175,10 +177,10 @@ def test_scaled_u_follows_the_unscaled_rule(version):
     obj = make_objective(version)
     run(obj, *features(0), 0.07, BATCH_1)
     obj.on_epoch_start(3)
-    before = obj.state_dict()["per_sample"]
+    before = dense_table(obj.state)
     e1, e2 = features(1)
     run(obj, e1, e2, 0.07, BATCH_2)
-    after = obj.state_dict()["per_sample"]
+    after = dense_table(obj.state)
     col = {name: k for k, name in enumerate(obj.columns)}
     for i, s in enumerate(BATCH_2):
         if s not in BATCH_1:
@@ -199,10 +201,10 @@ def test_bad_stored_u_is_replaced_by_g():
     bad = {(3, "u1"): math.nan, (3, "u2"): math.inf, (7, "u1"): 1e-40, (7, "u2"): -1.0}
     for (s, name), value in bad.items():
         state[s, col[name]] = value
-    obj.load_state_dict({"columns": obj.columns, "per_sample": state})
+    load_dense(obj.state, state)
     e1, e2 = features(2)
     run(obj, e1, e2, 0.07, BATCH_1)
-    after = obj.state_dict()["per_sample"]
+    after = dense_table(obj.state)
     for i, s in enumerate(BATCH_1):
         for side in (1, 2):
             c_new, g, _ = spec_u_update(anchor_differences(e1, e2, i, side, 0.07), 0.4, 0.4, obj.gamma)
@@ -230,7 +232,7 @@ def test_tau_001_with_adversarial_features_stays_finite_in_float32(version):
         obj.on_epoch_start(epoch)
         loss, g1, g2, g_tau = run(obj, e1, e2, 0.01, index)
         grads = [g1, g2] + ([g_tau] if obj.learns_model_temperature else [])
-        assert all(torch.isfinite(t).all() for t in [loss, *grads, obj.state_dict()["per_sample"]])
+        assert all(torch.isfinite(t).all() for t in [loss, *grads, dense_table(obj.state)])
 
 
 def test_math_runs_in_float32_under_autocast():
@@ -248,12 +250,13 @@ def test_resume_from_state_dict_is_exact(version):
     run(first, *features(0), 0.07, BATCH_1)
     second = make_objective(version)
     second.load_state_dict(first.state_dict())
+    load_dense(second.state, dense_table(first.state))
     for obj in (first, second):
         obj.on_epoch_start(1)
     results = [run(obj, *features(1), 0.07, BATCH_2)[:3] for obj in (first, second)]
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    assert torch.equal(first.state_dict()["per_sample"], second.state_dict()["per_sample"])
+    assert torch.equal(dense_table(first.state), dense_table(second.state))
     with pytest.raises(ValueError, match="columns"):
         make_objective("v0" if version == "v2" else "v2").load_state_dict(first.state_dict())
 
@@ -262,7 +265,7 @@ def test_log_values_report_gamma_and_mean_tau():
     obj = make_objective("v2")
     obj.on_epoch_start(2)
     run(obj, *features(0), 0.07, BATCH_1)
-    taus = obj.state_dict()["per_sample"][BATCH_1][:, [obj.columns.index("tau1"), obj.columns.index("tau2")]]
+    taus = dense_table(obj.state)[BATCH_1][:, [obj.columns.index("tau1"), obj.columns.index("tau2")]]
     assert obj.log_values() == pytest.approx({"gamma": gamma_at_epoch(2, 0.3, "cosine", 4), "tau": taus.mean().item()})
 
 

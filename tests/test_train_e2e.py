@@ -96,7 +96,7 @@ def test_resume_continues_exactly(version, demo_data, tmp_path):
     for got, want in zip(moments, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
     log = (tmp_path / "interrupted" / "out.log").read_text()
-    assert "resumed at epoch 1, step 6" in log
+    assert "at epoch 1, step 6 (0 into the epoch)" in log
 
 
 def test_unavailable_report_backend_is_a_clear_error(tmp_path):

@@ -86,21 +86,3 @@ class ShardedState:
         keep = owned & _last_occurrence(gathered_index.to(owned.device)) & finite
         target = torch.where(keep, slot, self.rows)
         self._storage.index_copy_(0, target, gathered_values.to(self._storage.dtype))
-
-    def state_dict(self) -> torch.Tensor:
-        """A copy of the whole table in global index order, (data_size, C) on the CPU.
-
-        Collective (an all-gather of every shard): every rank calls it, whatever rank saves it.
-        """
-        shards = comm.all_gather_no_grad(self.table)
-        by_slot = shards.view(self.world_size, self.rows, self.columns).transpose(0, 1)
-        return by_slot.reshape(-1, self.columns)[: self.data_size].to("cpu", copy=True)
-
-    def load_state_dict(self, values: torch.Tensor) -> None:
-        """Take this rank's rows of a global-order table, whatever K wrote it."""
-        expected = (self.data_size, self.columns)
-        if tuple(values.shape) != expected:
-            raise ValueError(f"per-sample state has shape {tuple(values.shape)}, expected {expected}")
-        mine = values[self.rank :: self.world_size].to(self._storage)
-        self._storage.copy_(self._initial.expand_as(self._storage))
-        self._storage[: mine.shape[0]] = mine

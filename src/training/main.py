@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch.distributed as dist
-
 if __package__ in (None, ""):  # `python src/training/main.py`: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastclip.checkpoint import files  # noqa: E402
 from fastclip.checkpoint.checkpointer import CheckpointWriteError  # noqa: E402
-from fastclip.distributed import init_distributed  # noqa: E402
+from fastclip.distributed import control, init_distributed  # noqa: E402
 from fastclip.distributed.env import close_distributed  # noqa: E402
 from fastclip.optim import unwrap  # noqa: E402
 from fastclip.progress import PEER_LOST, RunStopped  # noqa: E402
@@ -50,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(stop.code) from None
     except (files.CheckpointError, CheckpointWriteError, files.DiskFullError) as error:
         raise SystemExit(f"error: {error}") from None
-    except dist.DistError as error:
+    except RuntimeError as error:
+        if not control.is_peer_failure(error):
+            raise
         logger.error("lost contact with another rank (%s: %s): it hung or died. No rank waits longer than "
                      "--dist-timeout (%g min). Continue with --resume latest", type(error).__name__,
                      str(error).splitlines()[0][:300], args.dist_timeout)

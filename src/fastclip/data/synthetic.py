@@ -18,6 +18,7 @@ from .wds import (
     Sample,
     SkipLog,
     SlotDataset,
+    SlotPosition,
     Tokenizer,
     TrainLoader,
     derive_rng,
@@ -29,7 +30,11 @@ _WORDS = ("a", "photo", "of", "the", "small", "large", "red", "blue", "dog", "ca
 
 
 class SyntheticDataset(SlotDataset):
-    """Each pass permutes 0..n-1 (seeded by seed, epoch, pass) and slot s takes every S-th index."""
+    """Each pass permutes 0..n-1 (seeded by seed, epoch, pass) and slot s takes every S-th index.
+
+    A position's `taken` counts the indices of the slot's share of the pass; resuming skips them
+    without generating their images.
+    """
 
     def __init__(self, num_samples: int, image_size: int, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -41,11 +46,13 @@ class SyntheticDataset(SlotDataset):
         words = rng.choice(_WORDS, size=int(rng.integers(3, 12)))
         return Sample(Image.fromarray(pixels), " ".join(words), index)
 
-    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
-        for pass_index in itertools.count():
+    def stream(self, slot: int, num_slots: int, skips: SkipLog,
+               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
+        for pass_index in itertools.count(start.pass_index):
             order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(self.num_samples)
-            for index in order[slot::num_slots]:
-                yield self.sample(int(index))
+            offset = start.taken if pass_index == start.pass_index else 0
+            for taken, index in enumerate(order[slot::num_slots][offset:], offset + 1):
+                yield pass_index, taken, self.sample(int(index))
 
 
 def build_synthetic_loader(

@@ -10,14 +10,22 @@ a sample. Inside a slot, samples go through a shuffle buffer seeded from (seed, 
 that is flushed at the end of each pass. A slot's stream is infinite (pass 0, 1, 2, ...) and every
 rank stops after ceil(num_samples / (batch_size * K)) batches (open_clip's convention), so all ranks
 run the same number of steps even when their shards hold different numbers of samples. Batch i of a
-rank comes from its worker i % W (DataLoader round robin).
+rank comes from its local slot i % W (DataLoader round robin).
 
-Position and resume. Given the shard list, K, W, batch size and data_size, the samples of batch
-`step` of `epoch` are a pure function of (seed, epoch, step); the DataLoader's generator is seeded from
-(seed, epoch, rank), which also fixes the workers' torch/random seeds and thus the augmentations when
-W >= 1. An exact mid-epoch resume builds the epoch's loader and discards its first `step` batches
-(`itertools.islice(loader, step, None)`); that replays the decoding of the skipped batches but needs
-no extra state in the checkpoint.
+Position and resume. Augmentations do not depend on history: batch j of slot s in an epoch is
+collated with the torch, python and numpy global RNGs seeded from (seed, epoch, s, j) and restored
+afterwards (with W = 0 the main process's RNG, hence the model's, is left as it was), so its tensors
+depend only on its samples and (seed, epoch, s, j). A slot's position after a batch is (pass, items
+taken from the pass's shuffled raw-sample stream, undecodable ones included, batches the slot produced
+this epoch); batches leave the worker with their slot and position, which `TrainLoader` strips,
+recording per slot the position of the last batch it yielded. `state_dict()` is the rank's position
+(plain ints); after `load_state_dict()` the next iteration of that epoch yields the remaining batches
+exactly: each slot regenerates its pass's shard order, slot assignment and seeded shuffle buffer, reads
+the raw tar samples and drops the first `taken` items of the shuffled stream undecoded (skips met on the
+way were counted before the checkpoint: they are neither logged nor counted again), and the DataLoader's
+round robin is rotated so that worker w serves local slot (batches + w) % W. Loading needs the same
+rank, number of ranks, worker slots per rank (workers 0 and 1 both mean one), batch size and seed, or
+raises `IncompatiblePosition`; a loaded position applies to its epoch only, the next starts from scratch.
 
 Bad input. Errors (`DataError`) where training would silently be wrong: a local shard pattern that
 matches no file; with `data_size` given, a sample whose .json is missing, has no integer "key", or a
@@ -33,6 +41,8 @@ needs all embeddings in one place.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import itertools
 import json
@@ -40,12 +50,14 @@ import logging
 import lzma
 import math
 import os
+import random
+import signal
 import tarfile
 import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -65,7 +77,9 @@ MAX_EMPTY_PASSES = 5
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 # Independent random streams derived from the same (seed, epoch).
-SHARD_STREAM, SAMPLE_STREAM, LOADER_STREAM = 0, 1, 2
+SHARD_STREAM, SAMPLE_STREAM, LOADER_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
+# Left to the main process, which finishes the step, agrees with the other ranks, saves and exits.
+WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 T = TypeVar("T")
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -74,6 +88,19 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 class DataError(ValueError):
     """Input data that would make training wrong; the message names the shard, the sample and the fix."""
+
+
+class IncompatiblePosition(ValueError):
+    """A saved data position this loader cannot continue exactly (other ranks, workers, batch size, seed)."""
+
+
+class SlotPosition(NamedTuple):
+    """A slot's stream after a batch: `taken` items of pass `pass_index`'s shuffled raw-sample stream
+    (undecodable ones included) are used up, and the slot has produced `batches` batches this epoch."""
+
+    pass_index: int = 0
+    taken: int = 0
+    batches: int = 0
 
 
 @dataclass
@@ -93,6 +120,34 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
 def derive_rng(*keys: int) -> np.random.Generator:
     """A generator determined by non-negative integer keys only (same on every rank and process)."""
     return np.random.default_rng(np.random.SeedSequence(list(keys)))
+
+
+@contextlib.contextmanager
+def seeded_rngs(*keys: int) -> Iterator[None]:
+    """Torch's, python's and numpy's global RNGs seeded from `keys` inside, restored on exit.
+
+    Transforms draw from the global RNGs; seeding them per batch makes augmentations independent of
+    what ran before, and restoring them keeps the model's randomness independent of data loading.
+    """
+    rng = derive_rng(*keys)
+    seed, numpy_seed = int(rng.integers(2**63)), int(rng.integers(2**32))
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(numpy_seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def ignore_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a Ctrl-C or slurm's signal must not kill a worker (the main process,
+    which handles it, would crash on its next batch); torch's worker seeding has already run."""
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------- shard lists
@@ -159,8 +214,20 @@ class SkipLog:
         self.limit = limit
         self.pending = 0
         self.logged = 0
+        self._muted = False
+
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Ignores skips met again while fast-forwarding: they were logged and counted before."""
+        self._muted = True
+        try:
+            yield
+        finally:
+            self._muted = False
 
     def record(self, shard: str, what: str) -> None:
+        if self._muted:
+            return
         self.pending += 1
         if self.logged < self.limit:
             log.warning("shard %s: skipped %s", shard, what)
@@ -324,14 +391,32 @@ def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterato
         yield buffer[i]
 
 
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items, the last one possibly shorter."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def fast_forward(items: Iterator[T], count: int, skips: SkipLog, where: str) -> int:
+    """Drops the first `count` items unused; skips met on the way were counted before the checkpoint."""
+    with skips.muted():
+        dropped = sum(1 for _ in itertools.islice(items, count))
+    if dropped < count:
+        raise DataError(f"{where} has {dropped} samples but the resumed position is after {count}: the shards "
+                        "changed since the checkpoint, so it cannot be continued")
+    return count
+
+
 # ------------------------------------------------------------------------------------------- datasets
 
 
 class SlotDataset(IterableDataset):
-    """Batches built inside a DataLoader worker from the sample stream of that worker's global slot.
+    """Training batches built inside a DataLoader worker from the sample stream of its global slot.
 
-    Subclasses define `samples(slot, num_slots, skips)`; `epoch` is read when a loader starts its
-    workers, so setting it between epochs is enough.
+    Subclasses define `stream`; `epoch` is read when a loader starts its workers, so setting it between
+    epochs is enough. Batches carry their 'slot' and 'position' (the slot's `SlotPosition` after them)
+    for `TrainLoader`, which strips them; `starting_at` gives the copy that continues from positions.
     """
 
     def __init__(
@@ -344,22 +429,38 @@ class SlotDataset(IterableDataset):
                              f"{batch_size=}, {seed=}, {epoch=}, {rank=}, {world_size=}")
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.start: tuple[SlotPosition, ...] = ()  # per local slot; empty: the start of the epoch
+        self.rotation = 0  # DataLoader worker w serves local slot (w + rotation) % workers
 
-    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
+    def stream(self, slot: int, num_slots: int, skips: SkipLog,
+               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
+        """(pass, items taken from the pass so far, sample) of a slot, continuing after `start`."""
         raise NotImplementedError
+
+    def starting_at(self, start: Sequence[SlotPosition], rotation: int) -> SlotDataset:
+        """A copy whose local slots continue from `start`, worker w serving local slot (w + rotation) % W."""
+        dataset = copy.copy(self)
+        dataset.start, dataset.rotation = tuple(start), rotation
+        return dataset
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        local = (worker + self.rotation) % workers
+        slot = self.rank * workers + local
+        start = self.start[local] if self.start else SlotPosition()
         skips = SkipLog()
         batch: list[Sample] = []
-        for sample in self.samples(self.rank * workers + worker, self.world_size * workers, skips):
+        batches = start.batches
+        for pass_index, taken, sample in self.stream(slot, self.world_size * workers, skips, start):
             batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield collate(batch, self.preprocess, self.tokenizer, skips.take())
-                batch = []
-        if batch:
-            yield collate(batch, self.preprocess, self.tokenizer, skips.take())
+            if len(batch) < self.batch_size:
+                continue
+            with seeded_rngs(self.seed, self.epoch, AUGMENT_STREAM, slot, batches):
+                collated = collate(batch, self.preprocess, self.tokenizer, skips.take())
+            batches += 1
+            yield {**collated, "slot": slot, "position": [pass_index, taken, batches]}
+            batch = []
 
 
 class ShardTrainDataset(SlotDataset):
@@ -370,24 +471,30 @@ class ShardTrainDataset(SlotDataset):
         super().__init__(*args, **kwargs)
         self.shards, self.data_size, self.shuffle_buffer = list(shards), data_size, shuffle_buffer
 
-    def _pass(self, slot: int, num_slots: int, pass_index: int, skips: SkipLog) -> Iterator[Sample]:
+    def _raw_pass(self, slot: int, num_slots: int, pass_index: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
+        """A slot's raw (undecoded) samples of one pass, through the pass's seeded shuffle buffer."""
         order = shard_order(self.shards, self.seed, self.epoch, pass_index)
         raw = (sample
                for url, part, parts in slot_assignment(order, slot, num_slots)
                for position, sample in enumerate(read_shard(url, skips)) if position % parts == part)
         rng = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index, slot)
-        for item in shuffled(raw, rng, self.shuffle_buffer):
-            sample = decode_sample(item, self.data_size, skips)
-            if sample is not None:
-                yield sample
+        return shuffled(raw, rng, self.shuffle_buffer)
 
-    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
+    def stream(self, slot: int, num_slots: int, skips: SkipLog,
+               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
         empty_passes = 0
-        for pass_index in itertools.count():
-            used = 0
-            for sample in self._pass(slot, num_slots, pass_index, skips):
-                used += 1
-                yield sample
+        for pass_index in itertools.count(start.pass_index):
+            items = self._raw_pass(slot, num_slots, pass_index, skips)
+            offset = 0
+            if pass_index == start.pass_index:
+                offset = fast_forward(items, start.taken, skips, f"pass {pass_index} of worker slot {slot}")
+            # a position inside a pass follows a batch whose last sample came from that pass
+            used = offset > 0
+            for taken, item in enumerate(items, offset + 1):
+                sample = decode_sample(item, self.data_size, skips)
+                if sample is not None:
+                    used = True
+                    yield pass_index, taken, sample
             empty_passes = 0 if used else empty_passes + 1
             if empty_passes == MAX_EMPTY_PASSES:
                 raise DataError(
@@ -397,19 +504,28 @@ class ShardTrainDataset(SlotDataset):
                 )
 
 
-class ShardValDataset(SlotDataset):
+class ShardValDataset(IterableDataset):
     """Every sample once, in shard order; the workers split the shards between them."""
 
-    def __init__(self, shards: Sequence[str], *args: Any, data_size: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.shards, self.data_size = list(shards), data_size
+    def __init__(self, shards: Sequence[str], preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
+                 data_size: int | None = None) -> None:
+        super().__init__()
+        self.shards, self.preprocess, self.tokenizer = list(shards), preprocess, tokenizer
+        self.batch_size, self.data_size = batch_size, data_size
 
-    def samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[Sample]:
-        for url in self.shards[slot::num_slots]:
+    def _samples(self, urls: Sequence[str], skips: SkipLog) -> Iterator[Sample]:
+        for url in urls:
             for raw in read_shard(url, skips):
                 sample = decode_sample(raw, self.data_size, skips)
                 if sample is not None:
                     yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skips = SkipLog()
+        for batch in chunks(self._samples(self.shards[worker::workers], skips), self.batch_size):
+            yield collate(batch, self.preprocess, self.tokenizer, skips.take())
 
 
 # -------------------------------------------------------------------------------------------- loaders
@@ -418,31 +534,87 @@ class ShardValDataset(SlotDataset):
 class TrainLoader:
     """Iterates a `SlotDataset` for exactly `len(self)` batches per epoch; `set_epoch` before each epoch.
 
-    A fresh DataLoader (and worker processes) per epoch lets the workers see the new epoch; its
-    generator is seeded from (seed, epoch, rank) so that worker seeds, hence augmentations, repeat.
+    A fresh DataLoader (and worker processes, which ignore `WORKER_IGNORED_SIGNALS`) per epoch lets the
+    workers see the new epoch. Records the position of the last batch yielded for `state_dict`;
+    `load_state_dict` makes the next iteration continue from such a position (module docstring).
     """
 
     def __init__(self, dataset: SlotDataset, num_batches: int, workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset, self.num_batches, self.workers, self.pin_memory = dataset, num_batches, workers, pin_memory
+        self._restart()
 
     @property
     def num_samples(self) -> int:
         """Samples all ranks together consume per epoch (>= the requested number)."""
         return self.num_batches * self.dataset.batch_size * self.dataset.world_size
 
+    @property
+    def slots(self) -> int:
+        """Worker slots of this rank: one per DataLoader worker, one without workers."""
+        return max(self.workers, 1)
+
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
+        """Starts `epoch` from its beginning, unless a position loaded for it is pending."""
+        if not (self._resume and epoch == self.dataset.epoch):
+            self.dataset.epoch = epoch
+            self._restart()
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[dict]:
+    def state_dict(self) -> dict:
+        """This rank's position after the last batch yielded (the start of the epoch before the first)."""
         d = self.dataset
+        return {"epoch": d.epoch, "batches": self._batches, "rank": d.rank, "world_size": d.world_size,
+                "workers": self.workers, "batch_size": d.batch_size, "seed": d.seed,
+                "slots": [list(position) for position in self._positions]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next iteration yields the rest of `state`'s epoch, exactly as if never interrupted."""
+        problem = self._incompatibility(state)
+        if problem is not None:
+            raise IncompatiblePosition(f"data position {problem}: the rest of epoch {state['epoch']} cannot "
+                                       "continue the saved sample order")
+        self.dataset.epoch, self._batches = state["epoch"], state["batches"]
+        self._positions = [SlotPosition(*position) for position in state["slots"]]
+        self._resume = True
+
+    def _incompatibility(self, state: dict) -> str | None:
+        d = self.dataset
+        if (state["world_size"], max(state["workers"], 1)) != (d.world_size, self.slots):
+            return (f"written with {state['world_size']} ranks x {state['workers']} workers, now "
+                    f"{d.world_size} x {self.workers}")
+        if state["rank"] != d.rank:
+            return f"written by rank {state['rank']}, loaded by rank {d.rank}"
+        if state["batch_size"] != d.batch_size:
+            return f"written with batch size {state['batch_size']}, now {d.batch_size}"
+        if state["seed"] != d.seed:
+            return f"written with seed {state['seed']}, now {d.seed}"
+        if not 0 <= state["batches"] <= self.num_batches:
+            return f"is after {state['batches']} batches, but an epoch now has {self.num_batches}"
+        return None
+
+    def _restart(self) -> None:
+        self._batches, self._positions, self._resume = 0, [SlotPosition()] * self.slots, False
+
+    def _record(self, slot: int, position: list[int]) -> None:
+        self._positions[slot - self.dataset.rank * self.slots] = SlotPosition(*position)
+        self._batches += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self._resume:
+            self._restart()
+        self._resume = False
+        d = self.dataset
+        # the DataLoader's own generator: starting it draws nothing from the global RNG
         seed = int(derive_rng(d.seed, d.epoch, LOADER_STREAM, d.rank).integers(2**62))
-        batches = iter(DataLoader(d, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                                  generator=torch.Generator().manual_seed(seed)))
+        dataset = d.starting_at(self._positions, self._batches % self.slots)
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                                  generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_signals))
         try:
-            yield from itertools.islice(batches, self.num_batches)
+            for batch in itertools.islice(batches, self.num_batches - self._batches):
+                self._record(batch.pop("slot"), batch.pop("position"))
+                yield batch
         except Exception as error:
             # torch re-raises a worker's error from frames that hold the DataLoader iterator in a
             # reference cycle; collected late by the gc, its worker shutdown stalls for seconds.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import io
 from typing import Any
 
 import torch
@@ -44,12 +45,18 @@ def broadcast_from_master(value: Any) -> Any:
 
 
 def gather_to_master(value: Any) -> list[Any] | None:
-    """Every rank's `value`, in rank order, on rank 0 (None elsewhere). K small objects, never O(n)."""
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere). K small objects, never O(n).
+
+    Values travel as torch.save bytes and are read back with weights_only (tensors inside, such as RNG
+    states, do not survive gather_object's own unpickling in every torch release).
+    """
     if comm.world_size() == 1:
         return [value]
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
     out = [None] * comm.world_size() if comm.rank() == 0 else None
-    dist.gather_object(value, out, dst=0, group=_group)
-    return out
+    dist.gather_object(buffer.getvalue(), out, dst=0, group=_group)
+    return None if out is None else [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def all_ranks(ok: bool) -> bool:
@@ -68,6 +75,16 @@ def first_error(error: str | None) -> str | None:
     errors = [None] * comm.world_size()
     dist.all_gather_object(errors, error, group=_group)
     return next((e for e in errors if e is not None), None)
+
+
+_PEER_FAILURE_TEXT = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank hung or died (gloo raises plain RuntimeErrors)."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_FAILURE_TEXT)
 
 
 class Request(enum.IntFlag):
