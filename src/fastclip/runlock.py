@@ -28,8 +28,9 @@ class RunLock:
         self.path = run_dir / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock or raise `RunFolderBusy` naming its holder."""
+    def acquire(self) -> str | None:
+        """Take the lock or raise `RunFolderBusy` naming its holder; returns who held it last, if it was
+        not released (its process died), for the log."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -48,13 +49,12 @@ class RunLock:
             logger.warning("%s: this file system does not support locks (%s); nothing stops a second run "
                            "from using the same folder", self.path, os.strerror(error.errno))
         previous = _read(fd)
-        if previous:
-            logger.info("took over the lock of %s, which no longer runs", _describe(previous))
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
+        return _describe(previous) if previous else None
 
     def release(self) -> None:
         """Empty the file and drop the lock (the file stays: deleting it would race with a new holder)."""

@@ -206,33 +206,45 @@ def trains(args: argparse.Namespace) -> bool:
     return args.dataset_type != "none" and args.epochs > 0
 
 
-def prepare_run_dir(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> Path:
-    """The run's folder, locked by rank 0 for the whole run; an existing run's folder is an error unless
-    the run resumes (or only evaluates). Every rank raises the same one-line error."""
+def prepare_run_dir(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> tuple[Path, str | None]:
+    """The run's folder, locked by rank 0 for the whole run, and the dead process whose lock was taken
+    over, if any. An existing run's folder is an error unless the run resumes (or only evaluates).
+    Every rank raises the same one-line error."""
     run_dir = Path(args.logs) / args.name
     checkpoint_dir = run_dir / "checkpoints"
-    error = None
+    error, previous = None, None
     if trains(args) and args.resume is None and files.checkpoint_files(checkpoint_dir):
         error = (f"error: {run_dir} already holds checkpoints. Continue it with --resume latest, "
                  "or pick another --name.")
     elif env.is_master:
         lock = RunLock(run_dir)
         try:
-            lock.acquire()
+            previous = lock.acquire()
             stack.callback(lock.release)
         except RunFolderBusy as busy:
             error = f"error: {busy}"
     error = control.broadcast_from_master(error)
     if error is not None:
         raise SystemExit(error)
-    return run_dir
+    return run_dir, previous
 
 
 def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
-    """Everything a run needs, built in order; rank 0 owns the folder (lock, params, logs)."""
+    """Everything a run needs, built in order; rank 0 owns the folder (lock, params, logs). What was
+    set up is undone if a later part fails."""
     stack = contextlib.ExitStack()
-    run_dir = prepare_run_dir(args, env, stack)
+    try:
+        return _build_run(args, env, stack)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> Run:
+    run_dir, previous_holder = prepare_run_dir(args, env, stack)
     setup_logging(run_dir / "out.log", env.rank)
+    if previous_holder is not None:
+        logger.info("took over the lock of %s, which no longer runs", previous_holder)
     if env.is_master:
         save_params(args, run_dir)
         removed = files.remove_leftovers(run_dir / "checkpoints")

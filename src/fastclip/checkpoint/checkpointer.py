@@ -222,6 +222,5 @@ class Checkpointer:
 
 
 def _write_error(path: Path, error: OSError) -> str:
-    if error.errno in files.DISK_FULL_ERRNOS:
-        return files.disk_full_message(path, error)
-    return f"could not write {path}: {error}"
+    full = files.disk_full_cause(error)
+    return f"could not write {path}: {error}" if full is None else files.disk_full_message(path, full)

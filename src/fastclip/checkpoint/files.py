@@ -61,10 +61,21 @@ def save_atomic(payload: dict, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(disk_full_message(path, error)) from error
+        full = disk_full_cause(error)
+        if full is not None:
+            raise DiskFullError(disk_full_message(path, full)) from error
         raise
     _fsync_dir(path.parent)
+
+
+def disk_full_cause(error: BaseException | None) -> OSError | None:
+    """The "no space" error behind `error`, if any (torch.save re-raises it as a RuntimeError of its zip
+    writer, with the OSError as the context)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def disk_full_message(path: Path, error: OSError) -> str:
