@@ -221,6 +221,8 @@ def test_a_non_finite_step_changes_nothing(tmp_path):
 
 
 def test_a_stopped_rank_makes_the_others_exit_within_the_timeout_and_the_run_resumes(tmp_path):
+    """SIGSTOP on one of two ranks: the other exits with 76 within --dist-timeout; the run then resumes
+    its mid-epoch checkpoint on one process."""
     argv = synthetic(tmp_path, "run", "--dist-timeout", "0.1", "--save-every-n-steps", "4", "--resume", "latest",
                      "--train-num-samples", "960", "--data_size", "960")  # 30 steps per epoch on 2 ranks
     ranks = start_slurm(argv, outputs=[tmp_path / "rank0.txt", tmp_path / "rank1.txt"])
@@ -235,8 +237,11 @@ def test_a_stopped_rank_makes_the_others_exit_within_the_timeout_and_the_run_res
         ranks[1].wait()
     assert waited < 6 + 20, waited  # --dist-timeout 0.1 min, plus the time to exit
     assert "lost contact with another rank" in log_of(tmp_path / "run")
-    check(start_slurm(argv))
-    assert torch.load(tmp_path / "run/checkpoints/epoch_3.pt", weights_only=True)["step"] == 3 * 30
+    check(start_slurm(argv, ntasks=1))  # the rest on one process: per-sample state 2 -> 1, a fresh data order
+    log = log_of(tmp_path / "run")
+    assert "the checkpoint was written by 2 ranks and this run has 1" in log
+    saved = torch.load(tmp_path / "run/checkpoints/epoch_3.pt", weights_only=True)
+    assert saved["world_size"] == 1 and saved["epoch"] == 3
 
 
 # --------------------------------------------------------------------------------------- run folder

@@ -64,11 +64,12 @@ def train_and_evaluate(run: Run) -> dict:
     args, env = run.args, run.env
     candidates, explicit = resume_candidates(args, run.run_dir)
     if run.trainer is None:  # evaluation only: the weights of the checkpoint, nothing else
-        checkpoint = files.load(candidates[0]) if candidates else None
-        if checkpoint is not None:
+        loaded = files.load_first_good(candidates, explicit)
+        if loaded is not None:
+            path, checkpoint = loaded
             unwrap(run.model).load_state_dict(files.model_state(checkpoint))
-            logger.info("loaded model weights of %s (epoch %s)", candidates[0], checkpoint["epoch"])
-        return run.evaluate(int(checkpoint["epoch"]) if checkpoint else 0)
+            logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
+        return run.evaluate(int(loaded[1]["epoch"]) if loaded else 0)
     progress = run.checkpointer.restore(candidates, explicit)
     if progress.epoch >= args.stop_epochs:
         logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,

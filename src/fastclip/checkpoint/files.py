@@ -10,6 +10,7 @@ folder). Everything in the .pt is plain tensors and Python values: weights_only 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from typing import Iterable
 
 import torch
 
+logger = logging.getLogger("fastclip")
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 LATEST = "epoch_latest.pt"
 PER_SAMPLE_DIR = re.compile(r"^(?P<stem>.+)\.per_sample\.(?P<token>[0-9a-z-]+)$")
@@ -117,6 +119,21 @@ def non_finite_tensors(state_dict: dict) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf (one host read per tensor: save/load only)."""
     return [name for name, value in state_dict.items()
             if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def load_first_good(candidates: list[Path], explicit: bool) -> tuple[Path, dict] | None:
+    """The first candidate that loads; with `explicit` (a path the user named) a bad one is an error,
+    otherwise it is skipped with a warning naming it."""
+    for path in candidates:
+        try:
+            return path, load(path)
+        except CheckpointError as error:
+            if explicit:
+                raise
+            logger.warning("--resume latest: skipping a bad checkpoint: %s", error)
+    if candidates:
+        raise CheckpointError(f"no usable checkpoint among {', '.join(str(p) for p in candidates)}")
+    return None
 
 
 def _reason(error: Exception) -> str:
