@@ -1,7 +1,8 @@
 #!/bin/bash -x
 # Train on CC3M as in the FastCLIP paper: `sbatch scripts/train_cc3m.sh v3` (2 nodes x 4 GPUs), or without
 # slurm: `LAUNCHER=torchrun MASTER_ADDR=host bash scripts/train_cc3m.sh v3`.
-# VERSION: openclip | v0 | v1 | v2 | v3
+# Usage: train_cc3m.sh VERSION [FLAGS...]; VERSION: openclip | v0 | v1 | v2 | v3; FLAGS are appended to
+# main.py's, so they win (scripts/train_preemptible.sh adds its checkpoint cadence this way).
 #SBATCH --time=2-00:00:00
 #SBATCH --mem=120G
 #SBATCH --nodes=2
@@ -14,6 +15,7 @@
 #SBATCH --output=%x_%j.log
 set -euo pipefail
 VERSION=${1:-v3}
+shift || true
 LAUNCHER=${LAUNCHER:-srun}
 DATA=${DATA:-./datasets/cc3m_webdataset/cc3m_train/\{00000..00331\}.tar}
 
@@ -40,11 +42,16 @@ export PYTHONPATH="${PYTHONPATH:-}:$PWD/src"
 
 ARGS=(--save-frequency 1 --train-data "$DATA" --train-num-samples 2723840 --data_size 3318333
       --warmup 10000 --batch-size 256 --epochs 37 --workers 6 --model RN50 --name "medium_$VERSION"
-      --seed 2024 --profile --wd 0.1 --local-loss --resume latest "${LOSS[@]}")
+      --seed 2024 --profile --wd 0.1 --local-loss --resume latest "${LOSS[@]}" "$@")
 
+# exec: the launcher takes this shell's place, so whoever started the script waits on the launcher and
+# sees its exit code (75: stopped by a signal after a checkpoint, see train_preemptible.sh).
 if [ "$LAUNCHER" = srun ]; then
-  srun python -u src/training/main.py "${ARGS[@]}"
+  exec srun python -u src/training/main.py "${ARGS[@]}"
 else
   ARGS+=(--logs-dir "$PWD/logs")  # --logs-dir: torchrun would read --logs as its own --logs-specs
-  cd src && torchrun --nproc_per_node="${NPROC_PER_NODE:-4}" --rdzv_endpoint="$MASTER_ADDR" -m training.main "${ARGS[@]}"
+  cd src
+  # the c10d rendezvous can restart the workers (--max-restarts); the default static one cannot
+  exec torchrun --nproc_per_node="${NPROC_PER_NODE:-4}" --rdzv-backend=c10d \
+      --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --max-restarts="${MAX_RESTARTS:-0}" -m training.main "${ARGS[@]}"
 fi

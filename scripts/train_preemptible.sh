@@ -18,6 +18,7 @@
 #   else an error (see the log)                -> exit with it, no requeue
 # The log (%x_%j.log) keeps the job id across requeues; --open-mode=append keeps every start in it.
 #
+# The runs are those of scripts/train_cc3m.sh (its DATA and LAUNCHER apply), with a checkpoint cadence.
 # Environment: DATA (training shards), SAVE_EVERY_MINUTES (30), MAX_REQUEUES (20: no requeue once
 # slurm's SLURM_RESTART_COUNT reaches it, so a job that keeps failing does not loop forever; empty: no
 # cap), EXTRA_ARGS (appended last to main.py's flags, so they win: e.g. a smaller --batch-size).
@@ -38,43 +39,17 @@
 #SBATCH --requeue
 set -uo pipefail  # no -e: srun's exit code is examined, not fatal
 VERSION=${1:-v3}
-DATA=${DATA:-./datasets/cc3m_webdataset/cc3m_train/\{00000..00331\}.tar}
 MAX_REQUEUES=${MAX_REQUEUES-20}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+ARGS=(--save-every-minutes "${SAVE_EVERY_MINUTES:-30}" "${EXTRA[@]}")
 
-# The versions of train_cc3m.sh, which takes no extra flags (tests/test_slurm_script.py checks they agree).
-case "$VERSION" in
-  openclip) LOSS=(--gather-with-grad --lr 1e-3) ;;
-  v0) LOSS=(--fastclip --temperature_scheme global_learnable --lr 1e-3) ;;
-  v1) LOSS=(--fastclip --temperature_scheme global_constant --lr 1e-3) ;;
-  v2) LOSS=(--fastclip --temperature_scheme individual_learnable --lr 1e-3 --lr_tau 0.0133
-            --lr_tau_scheduler const --temperature 0.03 --rho 7.0) ;;
-  v3) LOSS=(--fastclip --multiply_tau --temperature_scheme global_learnable --lr 1e-3 --lr_tau 2e-4
-            --lr_tau_scheduler step_thresh --rho 6.5) ;;
-  *) echo "unknown version $VERSION: openclip, v0, v1, v2 or v3" >&2; exit 2 ;;
-esac
-if [ "$VERSION" != openclip ]; then
-  LOSS+=(--gamma 0.2 --gamma_schedule cosine --gamma_decay_epochs 18)
-fi
-
-if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-fi
-export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-export MASTER_PORT=${MASTER_PORT:-12805}
-export PYTHONPATH="${PYTHONPATH:-}:$PWD/src"
-
-ARGS=(--save-frequency 1 --train-data "$DATA" --train-num-samples 2723840 --data_size 3318333
-      --warmup 10000 --batch-size 256 --epochs 37 --workers 6 --model RN50 --name "medium_$VERSION"
-      --seed 2024 --profile --wd 0.1 --local-loss --resume latest "${LOSS[@]}"
-      --save-every-minutes "${SAVE_EVERY_MINUTES:-30}" "${EXTRA[@]}")
-
-echo "start $((${SLURM_RESTART_COUNT:-0} + 1)) of job ${SLURM_JOB_ID:-?}: srun python -u src/training/main.py ${ARGS[*]}" >&2
-srun python -u src/training/main.py "${ARGS[@]}" &
-SRUN_PID=$!
-# srun passes the signals on to the tasks itself; this shell must only not die of them.
+echo "start $((${SLURM_RESTART_COUNT:-0} + 1)) of job ${SLURM_JOB_ID:-?}: scripts/train_cc3m.sh $VERSION ${ARGS[*]}" >&2
+# srun passes the signals on to the tasks itself; this shell must only not die of them (srun does not
+# inherit these traps: a trapped signal is reset to its default in a child).
 trap 'echo "batch shell got SIGTERM: waiting for the training to save its checkpoint" >&2' TERM
 trap 'echo "batch shell got SIGUSR1: waiting for the training to save its checkpoint" >&2' USR1
+bash scripts/train_cc3m.sh "$VERSION" "${ARGS[@]}" &  # the same runs; it execs srun, so $! is srun
+SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2>/dev/null; do
   wait "$SRUN_PID"  # returns early when a trapped signal arrives
 done

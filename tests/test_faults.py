@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 
-from checkpoints import last_step, per_sample_table, signal_when
+from checkpoints import assert_same_training_state, last_step, per_sample_table, signal_when
 from fastclip.checkpoint import files
 from fastclip.models import build_model
 from fastclip.progress import NON_FINITE, PEER_LOST, PREEMPTED
@@ -142,6 +142,23 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_start(two_epochs, tmp_p
     assert not tmp_file.exists() and not orphan.exists()
     assert "removed 2 leftovers of interrupted saves" in log_of(run_dir)
     assert sorted(p.name for p in checkpoint_dir.glob("*.pt")) == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+
+
+def test_checkpoint_with_the_table_inside_resumes_as_the_per_rank_files_do(two_epochs, tmp_path):
+    """Checkpoints of earlier releases kept the dense per-sample table in the .pt: they still resume."""
+    for name in ("files", "inside"):
+        shutil.copytree(two_epochs, tmp_path / name)
+    path = tmp_path / "inside" / "checkpoints" / "epoch_2.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["objective"]["per_sample"] = per_sample_table(path)
+    shutil.rmtree(files.per_sample_dir(path, checkpoint))
+    checkpoint["per_sample_dir"] = None
+    torch.save(checkpoint, path)
+    for name in ("files", "inside"):
+        main(synthetic(tmp_path, name, "--resume", "latest"))
+    assert f"resumed from {path} at epoch 2" in log_of(tmp_path / "inside")
+    assert_same_training_state(tmp_path / "inside/checkpoints/epoch_3.pt", tmp_path / "files/checkpoints/epoch_3.pt",
+                               rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ SCRIPT = ROOT / "scripts" / "train_preemptible.sh"
 TINY = ("--dataset-type synthetic --train-num-samples 96 --data_size 96 --model ViT-Tiny-32px --batch-size 16 "
         "--epochs 6 --workers 0 --warmup 2 --log-every-n-steps 1")  # 6 steps per epoch
 
-# With SRUN_RECORD set it only writes its arguments there and exits with SRUN_EXIT.
+# One task with slurm's variables; TERM/USR1 are passed on to it, as srun does. With SRUN_RECORD set it only
+# writes its arguments there and exits with SRUN_EXIT.
 FAKE_SRUN = f"""#!{sys.executable}
 import json, os, signal, subprocess, sys
 if "SRUN_RECORD" in os.environ:
@@ -55,12 +56,19 @@ def job(tmp_path):
     env.update(PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]]),
                SLURM_JOB_ID="123", SCONTROL_CALLS=str(tmp_path / "scontrol.txt"), MASTER_PORT=str(free_port()),
                EXTRA_ARGS=f"{TINY} --logs-dir {tmp_path / 'logs'}")
+    started = []
 
     def start(*argv: str, script: Path = SCRIPT, **extra_env: str) -> subprocess.Popen:
-        with open(tmp_path / "job.log", "a") as output:
-            return subprocess.Popen(["bash", str(script), *argv], cwd=ROOT, env={**env, **extra_env},
-                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    return start
+        with open(tmp_path / "job.log", "a") as output:  # as --open-mode=append
+            started.append(subprocess.Popen(["bash", str(script), *argv], cwd=ROOT, env={**env, **extra_env},
+                                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for process in started:  # a failed test leaves no shell, srun or task behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def scontrol_calls(tmp_path: Path) -> list[str]:
@@ -72,8 +80,7 @@ def finish(process: subprocess.Popen, tmp_path: Path, timeout: float = 60) -> in
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the shell, srun and the task
-        raise AssertionError("the job did not end:\n" + (tmp_path / "job.log").read_text()[-4000:])
+        raise AssertionError("the job did not end:\n" + (tmp_path / "job.log").read_text()[-4000:]) from None
 
 
 def training_process(shell: subprocess.Popen, run_dir: Path, steps: int = 2, timeout: float = 60) -> tuple[int, int]:
@@ -131,8 +138,9 @@ def test_exit_codes_decide_the_requeue(code, requeued, restarts, job, tmp_path):
 @pytest.mark.parametrize("version", ["openclip", "v0", "v1", "v2", "v3"])
 def test_same_runs_as_train_cc3m_plus_a_mid_epoch_checkpoint_cadence(version, job, tmp_path):
     def argv(script: Path, **extra_env: str) -> list[str]:
-        assert finish(job(version, script=script, SRUN_RECORD=str(tmp_path / "argv.json"), EXTRA_ARGS="",
-                          **extra_env), tmp_path) == 0
+        extra_env = {"EXTRA_ARGS": "", **extra_env}
+        assert finish(job(version, script=script, SRUN_RECORD=str(tmp_path / "argv.json"), **extra_env),
+                      tmp_path) == 0
         return json.loads((tmp_path / "argv.json").read_text())
 
     cc3m = argv(ROOT / "scripts" / "train_cc3m.sh")

@@ -10,35 +10,53 @@ bad steps through a non-blocking copy that it reads once it has arrived, so no s
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 
 class LaggedValue:
-    """The host's view of a device scalar, never older than a few steps, read without a GPU sync.
+    """The host's view of a device scalar, a few steps old at most, read without a GPU sync.
 
-    On the CPU the value is read directly. On CUDA each `push` starts a non-blocking copy into pinned
-    memory and records an event; `value` returns the newest copy whose event has completed.
+    On the CPU the value is read directly. On CUDA each `push` copies the scalar into one of a few
+    pinned buffers without blocking and records an event; `value` takes the newest copy whose event
+    has completed. When the GPU runs more than `SLOTS` steps behind, a push is dropped: a later one
+    carries a newer value anyway.
     """
+
+    SLOTS = 4
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
-        self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
         self._value = 0
+        if self._cuda:
+            self._buffers = [torch.zeros((), dtype=torch.int64, pin_memory=True) for _ in range(self.SLOTS)]
+            self._events = [torch.cuda.Event() for _ in range(self.SLOTS)]
+            self._in_flight: deque[int] = deque()
+            self._free: deque[int] = deque(range(self.SLOTS))
 
     def push(self, tensor: torch.Tensor) -> None:
         if not self._cuda:
             self._value = int(tensor)
             return
-        host = torch.empty((), dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((event, host))
+        self._collect()
+        if not self._free:
+            return
+        slot = self._free.popleft()
+        self._buffers[slot].copy_(tensor, non_blocking=True)
+        self._events[slot].record()
+        self._in_flight.append(slot)
+
+    def _collect(self) -> None:
+        while self._in_flight and self._events[self._in_flight[0]].query():
+            slot = self._in_flight.popleft()
+            self._value = int(self._buffers[slot])
+            self._free.append(slot)
 
     @property
     def value(self) -> int:
-        while self._pending and self._pending[0][0].query():
-            self._value = int(self._pending.pop(0)[1])
+        if self._cuda:
+            self._collect()
         return self._value
 
 
@@ -71,8 +89,8 @@ class NonFiniteGuard:
 
 
 def make_grad_scaler(device: torch.device, loss_scaling: bool) -> torch.amp.GradScaler:
-    """fp16 gets open_clip's dynamic loss scaling; other precisions a scaler kept at 1 (`keep_scale`),
-    used only to skip non-finite steps on the device."""
+    """fp16 autocast gets dynamic loss scaling; other precisions a scaler whose scale the trainer keeps
+    at 1, used only to skip non-finite steps on the device."""
     if loss_scaling:
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0)

@@ -104,25 +104,28 @@ class Checkpointer:
         return path
 
     def _commit(self, path: Path, progress: Progress, state_dir: Path | None, gathered: list) -> str | None:
-        """Rank 0: manifest, then the .pt; on failure remove the new folder and say why."""
+        """Rank 0: the manifest, then the .pt; on any failure the new folder goes and the reason is returned."""
         error = next((e for _, e, _ in gathered if e is not None), None)
-        try:
-            if error is None:
-                if state_dir is not None:
-                    per_sample = self.parts.objective.per_sample
-                    sharded.write_manifest(state_dir, [s for s, _, _ in gathered], per_sample.data_size,
-                                           comm.world_size(), self.parts.objective.per_sample_columns,
-                                           per_sample.table.dtype)
-                files.save_atomic(self._payload(progress, state_dir, [r for *_, r in gathered]), path)
+        if error is None:
+            try:
+                self._write_manifest(state_dir, [shard for shard, _, _ in gathered])
+                files.save_atomic(self._payload(progress, state_dir, [rank for *_, rank in gathered]), path)
                 files.remove_superseded_state(path, keep=state_dir)
                 return None
-        except OSError as err:
-            error = _write_error(path, err)
-        except (files.CheckpointError, files.DiskFullError) as err:
-            error = str(err)
+            except OSError as err:
+                error = _write_error(path, err)
+            except (files.CheckpointError, files.DiskFullError) as err:
+                error = str(err)
         if state_dir is not None:
             files.remove_path(state_dir)
         return error
+
+    def _write_manifest(self, state_dir: Path | None, shards: list[dict]) -> None:
+        if state_dir is None:
+            return
+        per_sample = self.parts.objective.per_sample
+        sharded.write_manifest(state_dir, shards, per_sample.data_size, comm.world_size(),
+                               self.parts.objective.per_sample_columns, per_sample.table.dtype)
 
     def _payload(self, progress: Progress, state_dir: Path | None, ranks: list[dict]) -> dict:
         parts = self.parts
@@ -175,16 +178,24 @@ class Checkpointer:
         """This rank's part of a checkpoint, verified: the .pt, and its rows of the per-sample state."""
         try:
             checkpoint = files.load(path)
-            per_sample = self.parts.objective.per_sample
-            if per_sample is not None:
-                state_dir = files.per_sample_dir(path, checkpoint)
-                if state_dir is None:
-                    raise files.CheckpointError(f"{path} holds no per-sample state, which this objective needs "
-                                                "(was it written by an OpenCLIP run?)")
-                sharded.load_shard(per_sample, state_dir, self.parts.objective.per_sample_columns)
+            if self.parts.objective.per_sample is not None:
+                self._read_per_sample(path, checkpoint)
         except (files.CheckpointError, sharded.StateFileError) as err:
             return None, str(err)
         return checkpoint, None
+
+    def _read_per_sample(self, path: Path, checkpoint: dict) -> None:
+        per_sample = self.parts.objective.per_sample
+        state_dir = files.per_sample_dir(path, checkpoint)
+        if state_dir is not None:
+            sharded.load_shard(per_sample, state_dir, self.parts.objective.per_sample_columns)
+            return
+        legacy = checkpoint.get("objective", {}).get("per_sample")  # a dense table inside the .pt
+        if legacy is None or tuple(legacy.shape) != (per_sample.data_size, per_sample.columns):
+            raise files.CheckpointError(f"{path} holds no per-sample state for this objective (was it written by "
+                                        "an OpenCLIP run, or with another --data_size?)")
+        mine = legacy[per_sample.rank :: per_sample.world_size]
+        per_sample.table[: mine.shape[0]] = mine.to(per_sample.table)
 
     def _apply(self, path: Path, checkpoint: dict) -> Progress:
         parts = self.parts
@@ -203,9 +214,11 @@ class Checkpointer:
 
     def _restore_rank_state(self, checkpoint: dict, progress: Progress) -> None:
         """This rank's RNG states and data position, when the checkpoint was written by as many ranks."""
-        ranks = checkpoint.get("ranks")
         if progress.step_in_epoch == 0:
             return  # an epoch boundary: the loop reseeds and starts the epoch's stream itself
+        if self.parts.loader is not None:
+            self.parts.loader.set_epoch(progress.epoch)
+        ranks = checkpoint.get("ranks")
         if not ranks or len(ranks) != comm.world_size():
             logger.warning("the checkpoint was written by %s ranks and this run has %d: the rest of epoch %d "
                            "draws from a fresh shuffle and fresh random states", len(ranks or []),
@@ -214,7 +227,6 @@ class Checkpointer:
         mine = ranks[comm.rank()]
         restore_rng(mine["rng"])
         if self.parts.loader is not None and mine.get("data") is not None:
-            self.parts.loader.set_epoch(progress.epoch)
             try:
                 self.parts.loader.load_state_dict(mine["data"])
             except ValueError as err:

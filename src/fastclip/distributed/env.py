@@ -64,15 +64,22 @@ def init_distributed(
         if dist_url == "env://":
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(
-            backend=backend,
-            init_method=dist_url,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-        control.init_control_group(datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=_attempt_store(dist_url, rank, world_size, timeout),
+                                rank=rank, world_size=world_size, timeout=timeout)
+        control.init_control_group(timeout)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def _attempt_store(url: str, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of `url`, its keys prefixed with torchrun's restart count.
+
+    After `torchrun --max-restarts` restarts a group, the store can still hold the previous group's
+    keys (the gloo addresses of dead workers): a new worker that reads one before its peer rewrites it
+    fails to connect. A prefix per attempt keeps every group to its own keys.
+    """
+    store, _, _ = next(dist.rendezvous(url, rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"fastclip/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def close_distributed() -> None:
