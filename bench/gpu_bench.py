@@ -10,6 +10,8 @@ ceiling the programs would reach if data came for free), for OpenCLIP, FastCLIP-
 `cudnn.benchmark` (open_clip_train turns it on; our script does not). Host-device synchronisations per
 step, counted two ways over objective + backward and over the whole engine step: warnings of
 `torch.cuda.set_sync_debug_mode("warn")`, and CUDA runtime synchronise calls seen by torch.profiler.
+Then a step on NaN images: it must be skipped on the device (weights unchanged, counted by the guard)
+without a synchronisation of its own (the fused AdamW takes the GradScaler's found-inf flag).
 This part runs first (about a minute and a half), so a program run that fails still leaves results.
 
     bash bench/gpu.sh                        # one NVIDIA GPU, about 7 minutes on an H100
@@ -255,8 +257,22 @@ def measure_step(setup: GpuSetup, variant: StepVariant, batch_size: int) -> dict
         "peak_allocated_gib": peak,
         "engine_step": count_syncs(device, engine_step, setup.sync_steps),
         "objective_backward": count_syncs(device, objective_and_backward, setup.sync_steps, prepare=forward),
+        "non_finite_step": non_finite_step(trainer, batches),
     }
     return result
+
+
+def non_finite_step(trainer, batches: Iterator[dict]) -> dict:
+    """A step on NaN images: skipped on the device (weights unchanged, counted) with no added sync."""
+    batch = next(batches)
+    poisoned = dict(batch, image=torch.full_like(batch["image"], float("nan")))
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    total = int(trainer.guard.total)
+    trainer.train_step(poisoned)
+    unchanged = all(torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights))
+    counted = int(trainer.guard.total) == total + 1
+    return {**count_syncs(trainer.device, lambda _: trainer.train_step(poisoned), steps=1),
+            "weights_unchanged": unchanged, "counted": counted}
 
 
 def run_steps(setup: GpuSetup) -> dict[int, dict[str, dict]]:
@@ -292,18 +308,21 @@ def steps_table(steps: dict[int, dict[str, dict]]) -> str:
     for batch_size, variants in steps.items():
         for name, r in variants.items():
             e, o = r["engine_step"], r["objective_backward"]
+            bad = r["non_finite_step"]
+            skipped = "yes" if bad["weights_unchanged"] and bad["counted"] else "NO"
             rows.append([name, str(batch_size), _fmt(r["samples_per_s"]), _fmt(r["peak_allocated_gib"], 2),
                          _fmt(o["sync_warnings"]), _fmt(o["sync_calls"]), _fmt(e["sync_warnings"]),
-                         _fmt(e["sync_calls"])])
+                         _fmt(e["sync_calls"]), f"{skipped}, {_fmt(bad['sync_warnings'])}"])
     headers = ["step alone", "batch", "samples/s", "peak GiB", "objective+backward syncs/step (warn)",
-               "(profiler)", "engine step syncs/step (warn)", "(profiler)"]
+               "(profiler)", "engine step syncs/step (warn)", "(profiler)",
+               "NaN step skipped, syncs (warn)"]
     return common.markdown_table(headers, rows)
 
 
 def sync_examples(steps: dict[int, dict[str, dict]]) -> str:
     lines = {f"- {name}, {part}: `{example}`"
              for variants in steps.values() for name, r in variants.items()
-             for part in ("engine_step", "objective_backward") for example in r[part]["examples"]}
+             for part in ("engine_step", "objective_backward", "non_finite_step") for example in r[part]["examples"]}
     return "\n".join(sorted(lines)) or "- none flagged"
 
 
