@@ -4,6 +4,7 @@ a second run on the same folder. Each fault is real (signals, files, a tmpfs, a 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,16 @@ def test_stop_signal_saves_a_loadable_checkpoint_and_exits_75(signum, tmp_path):
     assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (epoch, step, step - 6 * epoch)
     open_clip.load_checkpoint(build_model("ViT-Tiny-32px").model, str(tmp_path / "run/checkpoints/epoch_latest.pt"))
     assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
+
+
+def test_timed_checkpoints_follow_rank_0s_clock_on_every_rank(tmp_path):
+    """--save-every-minutes: rank 0's clock asks, both ranks save at the same step (a disagreement
+    would leave one rank waiting in the save's collectives until --dist-timeout)."""
+    argv = synthetic(tmp_path, "run", "--save-every-minutes", "0.002", "--dist-timeout", "0.5",
+                     "--train-num-samples", "320", "--data_size", "320", epochs=1)  # 10 steps on 2 ranks
+    check(start_slurm(argv))
+    timed = re.findall(r"saved \S+epoch_latest\.pt \(epoch 0, step (\d+)\)", log_of(tmp_path / "run"))
+    assert timed and all(0 < int(step) <= 10 for step in timed)
 
 
 # ------------------------------------------------------------------------------------ bad checkpoints
