@@ -13,7 +13,7 @@ import torch
 
 from typing import Protocol
 
-from .guard import NonFiniteGuard, make_grad_scaler
+from .guard import NonFiniteGuard, SkippingStep
 from .log import LOGGER_NAME, MetricsSink, format_duration
 from .losses.base import Objective
 from .optim import clamp_logit_scale, unwrap
@@ -75,8 +75,7 @@ class Trainer:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
 
     def __post_init__(self) -> None:
-        # Every optimizer step goes through the scaler, which skips non-finite steps on the device.
-        self.scaler = make_grad_scaler(self.device, self.precision.grad_scaler)
+        self.stepper = SkippingStep(self.device, self.precision.grad_scaler)
         self.guard = NonFiniteGuard(self.device, self.max_bad_steps)
         self.timer = StepTimer(self.device, self.profile)
 
@@ -101,12 +100,12 @@ class Trainer:
             total = sum(losses.values())
         self.timer.lap("objective")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.unscale_(self.optimizer)
+        self.stepper.backward(total)
+        self.stepper.unscale(self.optimizer)
         self.timer.lap("backward")
-        self.guard.record(self._gradient_norm())
-        self.scaler.step(self.optimizer)  # skipped (on the device) when a gradient is not finite
-        self.scaler.update(None if self.precision.grad_scaler else 1.0)
+        grad_norm = self._gradient_norm()
+        self.guard.record(grad_norm)
+        self.stepper.step(self.optimizer, grad_norm)  # left out when a gradient is not finite
         clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
         self.timer.lap("optimizer")
         return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}

@@ -1,9 +1,7 @@
 """Non-finite steps: skipped on the device, counted on the device, read by the host a step late.
 
-A step whose gradients hold NaN or inf never reaches the weights: the optimizer step goes through a
-`torch.amp.GradScaler`, which skips it on the device (with a fixed scale of 1 unless fp16 needs loss
-scaling; a scale of 1 multiplies nothing away). The gradients are all-reduced before the check, so
-every rank skips the same steps. The per-sample state of such a step is not stored either (see
+A step whose gradients hold NaN or inf never reaches the weights (`SkippingStep`). The gradients are
+all-reduced before the check, so every rank skips the same steps. The per-sample state of such a step is not stored either (see
 `ShardedState.store`). Counting happens in device tensors; the host learns the count of consecutive
 bad steps through a non-blocking copy that it reads once it has arrived, so no step waits for the GPU.
 """
@@ -88,9 +86,39 @@ class NonFiniteGuard:
         self.total.fill_(int(state.get("total", 0)))
 
 
-def make_grad_scaler(device: torch.device, loss_scaling: bool) -> torch.amp.GradScaler:
-    """fp16 autocast gets dynamic loss scaling; other precisions a scaler whose scale the trainer keeps
-    at 1, used only to skip non-finite steps on the device."""
-    if loss_scaling:
-        return torch.amp.GradScaler(device.type)
-    return torch.amp.GradScaler(device.type, init_scale=1.0)
+class SkippingStep:
+    """The optimizer step, left out when the gradients are not finite; no host synchronisation on GPUs.
+
+    On CUDA (and whenever fp16 needs loss scaling) the step goes through a `torch.amp.GradScaler`:
+    its unscale finds non-finite gradients on the device and the fused AdamW skips itself on that flag.
+    The scale stays at 1 unless fp16 loss scaling is on. On the CPU reading a flag costs nothing, so the
+    step is simply not called, and no scaler pass over the gradients is spent.
+    """
+
+    def __init__(self, device: torch.device, loss_scaling: bool) -> None:
+        self.loss_scaling = loss_scaling
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if loss_scaling else 1.0) \
+            if loss_scaling or device.type == "cuda" else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients at their true scale (before clipping or measuring them)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+        if self.scaler is None:
+            if bool(torch.isfinite(grad_norm)):
+                optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update(None if self.loss_scaling else 1.0)
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

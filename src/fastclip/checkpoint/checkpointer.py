@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..distributed import comm, control
-from ..guard import NonFiniteGuard
+from ..guard import NonFiniteGuard, SkippingStep
 from ..losses.base import Objective
 from ..optim import unwrap
 from ..progress import Progress
@@ -40,7 +40,7 @@ class StatefulParts:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    stepper: SkippingStep  # the loss scaler's state, if any
     objective: Objective
     tau_schedule: TauLrSchedule
     guard: NonFiniteGuard
@@ -141,7 +141,7 @@ class Checkpointer:
             "world_size": comm.world_size(),
             "state_dict": weights,
             "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.scaler.state_dict(),
+            "scaler": parts.stepper.state_dict(),
             "objective": parts.objective.state_dict(),
             "tau_schedule": parts.tau_schedule.state_dict(),
             "guard": parts.guard.state_dict(),
@@ -201,8 +201,7 @@ class Checkpointer:
         parts = self.parts
         unwrap(parts.model).load_state_dict(files.model_state(checkpoint))
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
-        if "scaler" in checkpoint:
-            parts.scaler.load_state_dict(checkpoint["scaler"])
+        parts.stepper.load_state_dict(checkpoint.get("scaler", {}))
         parts.objective.load_state_dict(checkpoint["objective"])
         parts.tau_schedule.load_state_dict(checkpoint["tau_schedule"])
         parts.guard.load_state_dict(checkpoint.get("guard", {}))
