@@ -2,7 +2,7 @@
 
 Real shards, real signals, K = 1 in this process and K = 2 on gloo processes (slurm's variables,
 and torchrun with --max-restarts after a worker is killed). Compared at the end: model weights,
-Adam moments and the per-sample state table.
+Adam moments and the per-sample state table, bit for bit.
 """
 
 from __future__ import annotations
