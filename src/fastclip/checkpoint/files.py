@@ -16,7 +16,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 
@@ -42,7 +42,8 @@ def unique_tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a new or renamed entry of `directory` durable, not only the file's bytes."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,14 +51,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(payload: dict, path: Path) -> None:
-    """Write to a unique temporary file, fsync, rename: a crash or a full disk never leaves half a file
-    under `path`, and the file `path` held before stays intact until the new one is complete."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a unique temporary file, fsync, rename: a crash or a full disk never leaves half
+    a file under `path`, and the file `path` held before stays intact until the new one is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = unique_tmp(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,7 +68,12 @@ def save_atomic(payload: dict, path: Path) -> None:
         if full is not None:
             raise DiskFullError(disk_full_message(path, full)) from error
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """torch.save `payload` to `path` with `write_atomic`."""
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def disk_full_cause(error: BaseException | None) -> OSError | None:

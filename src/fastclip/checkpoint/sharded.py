@@ -28,6 +28,7 @@ from typing import BinaryIO
 import torch
 
 from ..state import ShardedState
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 16 * 2**20
@@ -66,15 +67,6 @@ def _rows_per_chunk(row_bytes: int, chunk_bytes: int) -> int:
 
 # ---- writing ------------------------------------------------------------------------------------
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a new or renamed entry of `directory` durable, not only the file's bytes."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(state: ShardedState, directory: Path, *, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Write this rank's table to its own file, a chunk at a time; returns the manifest's entry.
 
@@ -112,13 +104,7 @@ def write_manifest(directory: Path, shards: list[dict], data_size: int, world_si
                          f"{[info['rank'] for info in shards]}")
     manifest = {"format_version": FORMAT_VERSION, "data_size": data_size, "world_size": world_size,
                 "columns": list(columns), "dtype": _dtype_name(dtype), "layout": LAYOUT, "shards": shards}
-    tmp = directory / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-    _fsync_directory(directory)
+    write_atomic(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 # ---- the manifest -------------------------------------------------------------------------------
