@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from dense_state import dense_table, load_dense
 from multiprocess import spawn

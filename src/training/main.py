@@ -8,7 +8,6 @@ checkpoint, 76 another rank hung or died, 77 too many non-finite steps (see fast
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
