@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .checkpoint import files
 from .checkpoint.checkpointer import Checkpointer
@@ -63,9 +64,10 @@ class RunControl:
             self.save_latest(progress)
         return False
 
-    def save_latest(self, progress: Progress) -> None:
-        self.checkpointer.save(progress, files.LATEST[: -len(".pt")])
+    def save_latest(self, progress: Progress) -> Path:
+        path = self.checkpointer.save(progress, files.LATEST_STEM)
         self._last_save = time.monotonic()
+        return path
 
     def stop(self, progress: Progress) -> RunStopped:
         """The exception that ends a run the hook stopped, after its checkpoint (signals) or none
@@ -77,7 +79,7 @@ class RunControl:
                        "the weights are those of the last good step and no checkpoint was written. Lower --lr, "
                        "set --grad-clip-norm or check the data, then --resume latest (or --max-bad-steps)")
             return RunStopped(NON_FINITE, message)
-        path = self.checkpointer.save(progress, files.LATEST[: -len(".pt")])
+        path = self.save_latest(progress)
         why = self.signals.received or "a stop signal on another rank"
         return RunStopped(PREEMPTED, f"stopped by {why} at epoch {progress.epoch}, step {progress.global_step}: "
                                      f"saved {path}; continue with --resume latest")

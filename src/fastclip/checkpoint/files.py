@@ -22,7 +22,8 @@ import torch
 
 logger = logging.getLogger("fastclip")
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-LATEST = "epoch_latest.pt"
+LATEST_STEM = "epoch_latest"  # the most recent checkpoint (mid-epoch, or --save-most-recent)
+LATEST = f"{LATEST_STEM}.pt"
 PER_SAMPLE_DIR = re.compile(r"^(?P<stem>.+)\.per_sample\.(?P<token>[0-9a-z-]+)$")
 TMP_MARK = ".tmp-"
 REQUIRED_KEYS = ("epoch", "step", "state_dict")
