@@ -11,6 +11,7 @@ install: $(STAMP)
 
 $(STAMP): setup.py requirements-training.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) scripts/install_torch.py
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
