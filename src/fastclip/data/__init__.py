@@ -1,1 +1,2 @@
-"""Data pipelines: webdataset shards with sample indices (`wds`), synthetic data, the embedded demo set."""
+"""The input pipeline: shards (`shards`) or a CSV (`csv`), decoded samples (`samples`), batches with
+positions (`loader`)."""

@@ -6,7 +6,7 @@ test images become an ImageFolder `test/<class name>/NNNNN.png` for zero-shot ev
 come from the Debian package dataset-fashion-mnist when installed, else from the official URLs
 (downloaded once into a cache directory).
 
-    python -m fastclip.data.demo --out data/fashion-mnist [--samples-per-shard 2500] [--limit N]
+    python -m fastclip.datasets.demo --out data/fashion-mnist [--samples-per-shard 2500] [--limit N]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ training shards (KEY.png, KEY.txt, KEY.json) with img2dataset's sparse keys and 
 digit with varied templates, as a word or as a numeral. Images are upscaled to 32 px, the input size
 of ViT-Tiny-32px, and drawn white on black as in the scans.
 
-    python -m fastclip.data.digits --out data/digits [--samples-per-shard 500] [--test-size 500]
+    python -m fastclip.datasets.digits --out data/digits [--samples-per-shard 500] [--test-size 500]
 
 Needs scikit-learn (`pip install scikit-learn`).
 """

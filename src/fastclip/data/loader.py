@@ -1,16 +1,14 @@
-"""Webdataset shards -> batches {'image', 'text', 'index', 'skipped'}, the same number on every rank.
-
-Shards are read with webdataset's tar iterators; which worker reads which shard is decided here.
+"""Sample streams -> training and validation batches {'image', 'text', 'index', 'skipped'}, the same
+number on every rank, with exact mid-epoch resume.
 
 Training stream. Rank r of K with W DataLoader workers has the global worker slots r*W + w of S = K*W.
-Every pass over the data, the shard list is shuffled with a seed from (seed, epoch, pass), identically
-on all ranks, and shard j of the shuffled list goes to slot j % S. With fewer shards than slots, the
-slots that share a shard keep disjoint subsets of its samples (every m-th), so one pass never repeats
-a sample. Inside a slot, samples go through a shuffle buffer seeded from (seed, epoch, slot, pass)
-that is flushed at the end of each pass. A slot's stream is infinite (pass 0, 1, 2, ...) and every
-rank stops after ceil(num_samples / (batch_size * K)) batches (open_clip's convention), so all ranks
-run the same number of steps even when their shards hold different numbers of samples. Batch i of a
-rank comes from its local slot i % W (DataLoader round robin).
+A `SlotDataset` turns the sample stream of a slot into batches; `ShardTrainDataset`'s stream is the
+slot's share of the shards (`shards.py`) of pass 0, 1, 2, ..., each pass through a shuffle buffer
+seeded from (seed, epoch, slot, pass) that is flushed at the end of the pass; `CsvTrainDataset`'s is
+the slot's every S-th row of a permutation of a CSV's rows (`csv.py`) seeded from (seed, epoch, pass).
+A slot's stream is infinite and every rank stops after ceil(num_samples / (batch_size * K)) batches
+(open_clip's convention), so all ranks run the same number of steps even when their shards hold
+different numbers of samples. Batch i of a rank comes from its local slot i % W (DataLoader round robin).
 
 Position and resume. Augmentations do not depend on history: batch j of slot s in an epoch is
 collated with the torch, python and numpy global RNGs seeded from (seed, epoch, s, j) and restored
@@ -27,67 +25,48 @@ round robin is rotated so that worker w serves local slot (batches + w) % W. Loa
 rank, number of ranks, worker slots per rank (workers 0 and 1 both mean one), batch size and seed, or
 raises `IncompatiblePosition`; a loaded position applies to its epoch only, the next starts from scratch.
 
-Bad input. Errors (`DataError`) where training would silently be wrong: a local shard pattern that
-matches no file; with `data_size` given, a sample whose .json is missing, has no integer "key", or a
-key outside [0, data_size). Counted skips (logged with shard and sample key, the first few per worker
-and epoch, and counted in the next batch's 'skipped') where a sample cannot be used: no image, no
-text, an undecodable image or caption, and a truncated or unreadable shard (the samples before the
-damage are used; the rest of the shard counts as one skip since its size is unknown).
-
-Validation stream: every sample once, no shuffle, shards in the given order (split over the
-DataLoader workers shard by shard when there are several). It is meant for rank 0 only: retrieval
-needs all embeddings in one place.
+Validation stream: every sample once over all ranks, unshuffled, split over the global worker slots
+as one unshuffled training pass would be. Each sample carries its 'order' in the set (shard
+number in the given list, then position in the shard), so that evaluation can gather the ranks'
+embeddings back into one order that does not depend on the number of ranks or workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import itertools
-import json
-import logging
-import lzma
 import math
-import os
-import random
 import signal
-import tarfile
 import traceback
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
-import braceexpand
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-log = logging.getLogger(__name__)
+from .samples import (
+    AUGMENT_STREAM,
+    LOADER_STREAM,
+    SAMPLE_STREAM,
+    DataError,
+    Preprocess,
+    Sample,
+    SkipLog,
+    Tokenizer,
+    collate,
+    decode_sample,
+    derive_rng,
+    seeded_rngs,
+)
+from .csv import CsvTable
+from .shards import expand_shards, read_shard, shard_order, slot_assignment
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MAX_LOGGED_SKIPS = 5
 MAX_EMPTY_PASSES = 5
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
-# Independent random streams derived from the same (seed, epoch).
-SHARD_STREAM, SAMPLE_STREAM, LOADER_STREAM, AUGMENT_STREAM = 0, 1, 2, 3
+VAL_ORDER_STRIDE = 2**32  # a validation sample's order: shard number * stride + position in the shard
 # Left to the main process, which finishes the step, agrees with the other ranks, saves and exits.
 WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 T = TypeVar("T")
-Preprocess = Callable[[Image.Image], torch.Tensor]
-Tokenizer = Callable[[list[str]], torch.Tensor]
-
-
-class DataError(ValueError):
-    """Input data that would make training wrong; the message names the shard, the sample and the fix."""
 
 
 class IncompatiblePosition(ValueError):
@@ -103,44 +82,9 @@ class SlotPosition(NamedTuple):
     batches: int = 0
 
 
-@dataclass
-class Sample:
-    """A decoded pair; `index` is int(json['key']), or -1 where it is absent and not needed."""
-
-    image: Image.Image
-    text: str
-    index: int
-
-
 def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
     """Batches every rank yields per epoch: ceil(num_samples / global batch), as open_clip counts."""
     return math.ceil(num_samples / (batch_size * world_size))
-
-
-def derive_rng(*keys: int) -> np.random.Generator:
-    """A generator determined by non-negative integer keys only (same on every rank and process)."""
-    return np.random.default_rng(np.random.SeedSequence(list(keys)))
-
-
-@contextlib.contextmanager
-def seeded_rngs(*keys: int) -> Iterator[None]:
-    """Torch's, python's and numpy's global RNGs seeded from `keys` inside, restored on exit.
-
-    Transforms draw from the global RNGs; seeding them per batch makes augmentations independent of
-    what ran before, and restoring them keeps the model's randomness independent of data loading.
-    """
-    rng = derive_rng(*keys)
-    seed, numpy_seed = int(rng.integers(2**63)), int(rng.integers(2**32))
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(numpy_seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def ignore_signals(worker_id: int) -> None:
@@ -150,230 +94,7 @@ def ignore_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-# ----------------------------------------------------------------------------------------- shard lists
-
-
-def _local_path(url: str) -> Path | None:
-    """The file a shard URL names on this machine, or None for a remote/pipe URL webdataset opens."""
-    parsed = urlparse(url)
-    if parsed.scheme == "":
-        return Path(url).expanduser()
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    return None
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    urls = [os.path.expanduser(u) if _local_path(u) else u for u in braceexpand.braceexpand(pattern)]
-    present = [u for u in urls if _local_path(u) is None or _local_path(u).is_file()]
-    if not present:
-        raise DataError(
-            f"no shard file matches {pattern!r} (looked in {Path.cwd()} for relative paths): fix the path "
-            "or the brace range, e.g. 'data/train/{00000..00331}.tar'; join several patterns with '::'"
-        )
-    if len(present) < len(urls):
-        missing = sorted(set(urls) - set(present))
-        log.warning("%d of %d shards of %r do not exist (e.g. %s); using the %d that do",
-                    len(missing), len(urls), pattern, missing[0], len(present))
-    return present
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard URLs from brace patterns joined by '::' (or a list of them); see `DataError` for no match."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    patterns = [p for part in parts for p in part.split("::")]
-    return [url for pattern in patterns for url in _expand_pattern(pattern)]
-
-
-def shard_order(shards: Sequence[str], seed: int, epoch: int, pass_index: int = 0) -> list[str]:
-    """The shard list of one pass, shuffled identically on every rank."""
-    permutation = derive_rng(seed, epoch, SHARD_STREAM, pass_index).permutation(len(shards))
-    return [shards[i] for i in permutation]
-
-
-def slot_assignment(shards: Sequence[str], slot: int, num_slots: int) -> list[tuple[str, int, int]]:
-    """(shard, part, parts) read by a slot: it keeps the samples at positions p with p % parts == part.
-
-    With at least as many shards as slots each shard has one reader (parts == 1); otherwise the
-    slots j, j+n, j+2n, ... share shard j of n and split its samples between them.
-    """
-    n = len(shards)
-    if n >= num_slots:
-        return [(url, 0, 1) for url in shards[slot::num_slots]]
-    shared = slot % n
-    return [(shards[shared], slot // n, len(range(shared, num_slots, n)))]
-
-
-# ------------------------------------------------------------------------------------------ tar reading
-
-
-class SkipLog:
-    """Counts skipped samples until the next batch takes the count; logs the first few of them."""
-
-    def __init__(self, limit: int = MAX_LOGGED_SKIPS) -> None:
-        self.limit = limit
-        self.pending = 0
-        self.logged = 0
-        self._muted = False
-
-    @contextlib.contextmanager
-    def muted(self) -> Iterator[None]:
-        """Ignores skips met again while fast-forwarding: they were logged and counted before."""
-        self._muted = True
-        try:
-            yield
-        finally:
-            self._muted = False
-
-    def record(self, shard: str, what: str) -> None:
-        if self._muted:
-            return
-        self.pending += 1
-        if self.logged < self.limit:
-            log.warning("shard %s: skipped %s", shard, what)
-        elif self.logged == self.limit:
-            log.warning("further skipped samples are counted in the batches' 'skipped' but not logged")
-        self.logged += 1
-
-    def take(self) -> int:
-        count, self.pending = self.pending, 0
-        return count
-
-
-class _EndCheckingReader:
-    """Passes a shard's bytes to tarfile and tells afterwards whether the tar ended as it should.
-
-    tarfile's stream mode silently stops at a tar cut at a header boundary or at a corrupt header.
-    A complete tar ends with at least two zero blocks and nothing but zeros follows the point where
-    tarfile stops. Compressed tars are left to their decompressor, which raises on a cut stream.
-    """
-
-    def __init__(self, stream: BinaryIO, url: str) -> None:
-        self._stream = stream
-        self._url = url
-        self._head = b""
-        self._tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        if len(self._head) < 6:
-            self._head += data[: 6 - len(self._head)]
-        self._tail = data[-1024:] if len(data) >= 1024 else (self._tail + data)[-1024:]
-        return data
-
-    def damage(self) -> str | None:
-        """Why the shard did not end as a tar should, or None; reads what tarfile left unread."""
-        if self._head.startswith(_COMPRESSED_MAGIC):
-            return None
-        while chunk := self.read(1 << 16):
-            if chunk.strip(b"\0"):
-                return "data after a tar header that could not be read: the shard is corrupt"
-        return None if self._tail == bytes(1024) else "no tar end marker: the shard was cut short"
-
-    def __repr__(self) -> str:
-        return self._url
-
-
-def _error_text(error: BaseException) -> str:
-    message = error.args[0] if error.args else ""
-    return f"{type(error).__name__}: {message}"
-
-
-def read_shard(url: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """Raw samples ({'__key__', '__url__', extension: bytes}) of one shard; damage counts as a skip.
-
-    A sample is passed on once the next one has begun or the tar ended properly, so a truncated
-    shard never yields a sample that lost its last files.
-    """
-    previous: dict[str, Any] | None = None
-    previous_complete, damage = True, None
-    try:
-        with gopen(url) as raw:
-            stream = _EndCheckingReader(raw, url)
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                if previous is not None:
-                    yield previous
-                previous = sample
-            damage = stream.damage()
-            previous_complete = damage is None
-    except _READ_ERRORS as error:
-        damage = f"truncated or unreadable: {_error_text(error)}"
-    except ValueError as error:  # group_by_keys: the same file name twice in a row
-        raise DataError(f"shard {url} is malformed ({_error_text(error)}): rewrite it") from error
-    if previous is not None and previous_complete:
-        yield previous
-    if damage is not None:
-        skips.record(url, f"{_lost_part(previous, previous_complete)} ({damage})")
-
-
-def _lost_part(last: dict[str, Any] | None, last_complete: bool) -> str:
-    if last is None:
-        return "the whole shard"
-    key = last["__key__"]
-    return f"everything after sample {key}" if last_complete else f"sample {key} and everything after it"
-
-
-# ------------------------------------------------------------------------------------------- decoding
-
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as RGB: transparency over white, 16-bit grey scaled down rather than clipped."""
-    if image.mode.startswith("I;16"):
-        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
-    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def sample_index(raw: dict[str, Any], data_size: int | None) -> int:
-    """int(json['key']); -1 when absent and no index is needed; a `DataError` when it is needed."""
-    shard, key = raw["__url__"], raw["__key__"]
-    try:
-        index = int(json.loads(raw["json"])["key"])
-    except (KeyError, TypeError, ValueError) as error:
-        if data_size is None:
-            return -1
-        raise DataError(
-            f"shard {shard}, sample {key}: no integer 'key' in the sample's .json ({_error_text(error)}); "
-            "with data_size set every sample needs the .json img2dataset writes, whose 'key' is its index"
-        ) from error
-    if data_size is not None and not 0 <= index < data_size:
-        raise DataError(
-            f"shard {shard}, sample {key}: key {index} is outside [0, data_size={data_size}); set data_size "
-            "(--data_size) above the largest key: img2dataset keys are shard_id * 10^ceil(log10("
-            "samples_per_shard)) + i, so they exceed the number of samples"
-        )
-    return index
-
-
-def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) -> Sample | None:
-    """Image, caption and index of a raw sample, or None (a recorded skip) when it cannot be used."""
-    shard, key = raw["__url__"], raw["__key__"]
-    extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    if extension is None or "txt" not in raw:
-        skips.record(shard, f"sample {key} (no {'image' if extension is None else 'text'})")
-        return None
-    index = sample_index(raw, data_size)
-    try:
-        text = raw["txt"].decode("utf-8")
-        with Image.open(io.BytesIO(raw[extension])) as image:
-            rgb = to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        skips.record(shard, f"sample {key} (undecodable .{extension} or .txt: {_error_text(error)})")
-        return None
-    return Sample(rgb, text, index)
-
-
-def collate(samples: Sequence[Sample], preprocess: Preprocess, tokenizer: Tokenizer, skipped: int) -> dict:
-    """One batch in the format the engine consumes."""
-    return {
-        "image": torch.stack([preprocess(s.image) for s in samples]),
-        "text": tokenizer([s.text for s in samples]),
-        "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
-        "skipped": skipped,
-    }
+# ------------------------------------------------------------------------------------------ streams
 
 
 def shuffled(items: Iterable[T], rng: np.random.Generator, size: int) -> Iterator[T]:
@@ -505,27 +226,94 @@ class ShardTrainDataset(SlotDataset):
 
 
 class ShardValDataset(IterableDataset):
-    """Every sample once, in shard order; the workers split the shards between them."""
+    """Every sample once over all ranks and workers: the worker slots split the shards (and a shard's
+    samples when there are fewer shards than slots) as in training; batches carry each sample's 'order'.
+    With `limit`, only the first `limit` samples of each of the first `limit` shards are read: all that
+    the first `limit` pairs of the set can come from (unless samples among them fail to decode)."""
 
     def __init__(self, shards: Sequence[str], preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
-                 data_size: int | None = None) -> None:
+                 data_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None) -> None:
         super().__init__()
-        self.shards, self.preprocess, self.tokenizer = list(shards), preprocess, tokenizer
-        self.batch_size, self.data_size = batch_size, data_size
+        self.shards, self.preprocess, self.tokenizer = list(shards)[:limit], preprocess, tokenizer
+        self.batch_size, self.data_size, self.rank, self.world_size = batch_size, data_size, rank, world_size
+        self.limit = limit
 
-    def _samples(self, urls: Sequence[str], skips: SkipLog) -> Iterator[Sample]:
-        for url in urls:
-            for raw in read_shard(url, skips):
-                sample = decode_sample(raw, self.data_size, skips)
+    def _samples(self, slot: int, num_slots: int, skips: SkipLog) -> Iterator[tuple[int, Sample]]:
+        """(order, sample) of a slot's share; order = shard number * VAL_ORDER_STRIDE + position in it."""
+        number = {url: j for j, url in enumerate(self.shards)}
+        for url, part, parts in slot_assignment(self.shards, slot, num_slots):
+            for position, raw in enumerate(itertools.islice(read_shard(url, skips), self.limit)):
+                sample = decode_sample(raw, self.data_size, skips) if position % parts == part else None
                 if sample is not None:
-                    yield sample
+                    yield number[url] * VAL_ORDER_STRIDE + position, sample
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skips = SkipLog()
-        for batch in chunks(self._samples(self.shards[worker::workers], skips), self.batch_size):
-            yield collate(batch, self.preprocess, self.tokenizer, skips.take())
+        samples = self._samples(self.rank * workers + worker, self.world_size * workers, skips)
+        for batch in chunks(samples, self.batch_size):
+            orders, chunk = zip(*batch)
+            yield {**collate(chunk, self.preprocess, self.tokenizer, skips.take()),
+                   "order": torch.tensor(orders, dtype=torch.int64)}
+
+
+class CsvTrainDataset(SlotDataset):
+    """Each pass permutes the rows of a `CsvTable` (seeded by seed, epoch, pass) and slot s of S takes
+    every S-th row of the permutation, so a pass never repeats a row.
+
+    A position's `taken` counts the rows of the slot's share of the pass; resuming skips them without
+    opening their images. The permutation is one int64 per row and slot: CSV data sets fit in memory.
+    """
+
+    def __init__(self, table: CsvTable, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.table = table
+
+    def stream(self, slot: int, num_slots: int, skips: SkipLog,
+               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
+        empty_passes = 0
+        for pass_index in itertools.count(start.pass_index):
+            order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(len(self.table))
+            share = order[slot::num_slots]
+            offset = start.taken if pass_index == start.pass_index else 0
+            if offset > len(share):
+                raise DataError(f"CSV {self.table.path}: pass {pass_index} of worker slot {slot} has {len(share)} "
+                                f"rows but the resumed position is after {offset}: the CSV changed since the "
+                                "checkpoint, so it cannot be continued")
+            used = offset > 0  # a position inside a pass follows a batch whose last sample came from that pass
+            for taken, row in enumerate(share[offset:], offset + 1):
+                sample = self.table.sample(int(row), skips)
+                if sample is not None:
+                    used = True
+                    yield pass_index, taken, sample
+            empty_passes = 0 if used else empty_passes + 1
+            if empty_passes == MAX_EMPTY_PASSES:
+                raise DataError(f"worker slot {slot} of {num_slots} found no usable row of CSV {self.table.path} in "
+                                f"{empty_passes} passes: fix the image paths (see the skip warnings; relative paths "
+                                "start in the working directory)")
+
+
+class CsvValDataset(IterableDataset):
+    """Every row of a `CsvTable` (the first `limit` rows, if given) once over all ranks and workers: slot
+    s of S takes rows s, s+S, ...; batches carry each pair's row as its 'order'."""
+
+    def __init__(self, table: CsvTable, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
+                 rank: int = 0, world_size: int = 1, limit: int | None = None) -> None:
+        super().__init__()
+        self.table, self.preprocess, self.tokenizer = table, preprocess, tokenizer
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.rows = len(table) if limit is None else min(limit, len(table))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skips = SkipLog()
+        rows = range(self.rank * workers + worker, self.rows, self.world_size * workers)
+        samples = (sample for sample in (self.table.sample(row, skips) for row in rows) if sample is not None)
+        for batch in chunks(samples, self.batch_size):
+            yield {**collate(batch, self.preprocess, self.tokenizer, skips.take()),
+                   "order": torch.tensor([sample.index for sample in batch], dtype=torch.int64)}
 
 
 # -------------------------------------------------------------------------------------------- loaders
@@ -660,7 +448,59 @@ def build_val_loader(
     workers: int = 0,
     data_size: int | None = None,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
 ) -> DataLoader:
-    """Every validation sample once, unshuffled, for rank 0 (the last batch of each worker may be short)."""
-    dataset = ShardValDataset(expand_shards(shards), preprocess, tokenizer, batch_size, data_size=data_size)
+    """This rank's share of the validation samples, unshuffled (the last batch of each worker may be
+    short); all ranks together yield every sample once, and sorting by 'order' restores shard order.
+    `limit` reads only what the first `limit` pairs can come from (`ShardValDataset`)."""
+    dataset = ShardValDataset(expand_shards(shards), preprocess, tokenizer, batch_size, data_size=data_size,
+                              rank=rank, world_size=world_size, limit=limit)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+
+
+def build_csv_train_loader(
+    table: CsvTable,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    num_samples: int,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    data_size: int | None = None,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """`build_train_loader` over the rows of a CSV; a pair's index is its row number."""
+    slots = max(workers, 1)
+    if len(table) < world_size * slots:
+        raise DataError(f"CSV {table.path} has {len(table)} rows, fewer than the {world_size} ranks x {slots} "
+                        "worker slots that each need a share of them: use fewer --workers or ranks")
+    if num_samples < 1 or workers < 0:
+        raise ValueError(f"need num_samples >= 1 and workers >= 0; got {num_samples=}, {workers=}")
+    if data_size is not None and data_size < len(table):
+        raise DataError(f"--data_size {data_size} is smaller than the {len(table)} rows of CSV {table.path}, whose "
+                        f"row numbers are the sample indices: pass --data_size {len(table)} or leave it out")
+    dataset = CsvTrainDataset(table, preprocess, tokenizer, batch_size, seed=seed, epoch=epoch, rank=rank,
+                              world_size=world_size)
+    return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
+
+
+def build_csv_val_loader(
+    table: CsvTable,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+) -> DataLoader:
+    """`build_val_loader` over the rows of a CSV (the first `limit`, if given): 'order' is the row number."""
+    dataset = CsvValDataset(table, preprocess, tokenizer, batch_size, rank=rank, world_size=world_size,
+                            limit=limit)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory)

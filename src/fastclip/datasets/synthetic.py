@@ -12,18 +12,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .wds import (
-    SAMPLE_STREAM,
-    Preprocess,
-    Sample,
-    SkipLog,
-    SlotDataset,
-    SlotPosition,
-    Tokenizer,
-    TrainLoader,
-    derive_rng,
-    steps_per_epoch,
-)
+from fastclip.data.loader import SlotDataset, SlotPosition, TrainLoader, steps_per_epoch
+from fastclip.data.samples import SAMPLE_STREAM, Preprocess, Sample, SkipLog, Tokenizer, derive_rng
 
 _WORDS = ("a", "photo", "of", "the", "small", "large", "red", "blue", "dog", "cat", "car", "tree",
           "house", "on", "in", "with", "picture", "bright", "dark", "old")
