@@ -13,6 +13,11 @@ $(STAMP): setup.py requirements-training.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) scripts/install_torch.py
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@# the evaluation and shard tools some tests run, kept out of the project's own dependencies:
+	@# clip_benchmark without its optional stack (transformers, ...), img2dataset on its own path
+	@# (it pins webdataset 0.2)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps clip_benchmark==1.6.2 pycocoevalcap==1.2
+	$(PY) -m pip install --quiet --disable-pip-version-check --target $(VENV)/img2dataset img2dataset
 	touch $(STAMP)
 
 demo: install

@@ -17,8 +17,16 @@ setup(
     package_data={"fastclip": ["model_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=_requirements(),
+    entry_points={
+        "console_scripts": [
+            "fastclip-train = training.main:cli",
+            "fastclip-index = fastclip.data.index:main",
+            "fastclip-export = fastclip.export:main",
+            "fastclip-plot = fastclip.plot:main",
+        ],
+    },
     extras_require={
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "scikit-learn", "requests"],
         "bench": ["scikit-learn"],  # the handwritten-digits set of the convergence benchmark
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

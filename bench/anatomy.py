@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MIN_REPEATS, Runs, Summary, alternate, machine, markdown_table, summarize, write_report  # noqa: E402
-from fastclip.data.synthetic import build_synthetic_loader  # noqa: E402
+from fastclip.datasets.synthetic import build_synthetic_loader  # noqa: E402
 from fastclip.distributed import comm  # noqa: E402
 from fastclip.engine import PHASES  # noqa: E402
 from fastclip.losses.base import Objective  # noqa: E402

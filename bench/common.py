@@ -286,11 +286,11 @@ def _json_default(value: object) -> object:
 
 
 def demo_shards(limit: int | None = 10_000, samples_per_shard: int = 2500):
-    """Fashion-MNIST demo shards (`fastclip.data.demo.DemoData`), built once under bench/out/data.
+    """Fashion-MNIST demo shards (`fastclip.datasets.demo.DemoData`), built once under bench/out/data.
 
     Each `limit` has its own folder, so benchmarks that use different sizes never rebuild each other's.
     """
-    from fastclip.data.demo import build_demo
+    from fastclip.datasets.demo import build_demo
 
     folder = OUT_DIR / "data" / f"fashion-mnist-{limit or 'all'}-{samples_per_shard}"
     return build_demo(folder, samples_per_shard=samples_per_shard, limit=limit)

@@ -7,7 +7,7 @@ batch is the global batch), several seeds, the same epochs and learning-rate sch
 versions, on two real data sets:
 
 - Fashion-MNIST (the demo data): the first `limit` training and test images (build_demo's `limit`);
-- scikit-learn's handwritten digits (`fastclip.data.digits`): 1,297 training pairs, 500 test images.
+- scikit-learn's handwritten digits (`fastclip.datasets.digits`): 1,297 training pairs, 500 test images.
 
 Every run goes through the training script (`training.main.main`, in-process: no interpreter or
 import start-up per run) with `--zeroshot-frequency 1`, so `logs/NAME/results.jsonl` holds one
@@ -43,8 +43,8 @@ sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
 import torch  # noqa: E402
 from common import OUT_DIR, ROOT, demo_shards, markdown_table, write_report  # noqa: E402
 
-from fastclip.data.demo import DemoData  # noqa: E402
-from fastclip.data.digits import build_digits  # noqa: E402
+from fastclip.datasets.demo import DemoData  # noqa: E402
+from fastclip.datasets.digits import build_digits  # noqa: E402
 from training.main import main as train  # noqa: E402
 
 TOP1 = "imagenet-zeroshot-val-top1"

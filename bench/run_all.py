@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
-BENCHMARKS = ("throughput", "anatomy", "comm", "memory", "save_memory", "convergence")
+BENCHMARKS = ("throughput", "anatomy", "comm", "memory", "save_memory", "convergence", "threads")
 
 
 def run(name: str, quick: bool) -> None:

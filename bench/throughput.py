@@ -128,7 +128,7 @@ def parse_pipeline(output: str) -> common.Metrics:
 
 
 def our_batches(shards: str, preprocess, tokenizer, batch_size: int, data_size: int) -> Iterator:
-    from fastclip.data.wds import build_train_loader
+    from fastclip.data.loader import build_train_loader
 
     loader = build_train_loader(shards, preprocess, tokenizer, batch_size, num_samples=10**9, workers=0,
                                 data_size=data_size)

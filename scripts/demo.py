@@ -3,7 +3,7 @@
 Builds webdataset shards from Fashion-MNIST (60,000 captioned training images, sparse img2dataset
 keys) and a 10,000-image zero-shot test folder, trains the CPU-sized ViT-Tiny-32px with the
 FastCLIP-v3 objective through the same training script as the paper's commands, then plots the
-training loss and the zero-shot accuracy per epoch. The last line printed is JSON with
+training loss, temperature, learning rate, gamma and zero-shot accuracy (fastclip.plot). The last line printed is JSON with
 "zeroshot_top1" (a fraction; chance is 0.10).
 """
 
@@ -20,33 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fastclip.data.demo import build_demo  # noqa: E402
+from fastclip.datasets.demo import build_demo  # noqa: E402
+from fastclip.plot import main as plot  # noqa: E402
 from training.main import main as train  # noqa: E402
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(run_dir: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = read_jsonl(run_dir / "metrics.jsonl")
-    results = read_jsonl(run_dir / "results.jsonl")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps])
-    ax_loss.set(xlabel="step", ylabel="training loss (FastCLIP-v3)", title="loss")
-    ax_acc.plot([r["epoch"] for r in results], [r["imagenet-zeroshot-val-top1"] for r in results], "o-", label="top-1")
-    ax_acc.plot([r["epoch"] for r in results], [r["imagenet-zeroshot-val-top5"] for r in results], "s--", label="top-5")
-    ax_acc.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1),
-               title=f"zero-shot, {results[-1]['zeroshot-num-images']:,} test images")
-    ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--logs", str(opts.out / "logs"), "--name", run_name, "--save-frequency", str(opts.epochs),
         "--log-every-n-steps", "50",
     ])
-    plot_curves(run_dir, opts.out / "curves.png")
+    plot(["--out", str(opts.out / "curves.png"), "--smooth", "10", str(run_dir)])
     summary = {
         "zeroshot_top1": round(metrics["imagenet-zeroshot-val-top1"], 4),
         "zeroshot_top5": round(metrics["imagenet-zeroshot-val-top5"], 4),

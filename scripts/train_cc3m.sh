@@ -1,6 +1,7 @@
 #!/bin/bash -x
 # Train on CC3M as in the FastCLIP paper: `sbatch scripts/train_cc3m.sh v3` (2 nodes x 4 GPUs), or without
-# slurm: `LAUNCHER=torchrun MASTER_ADDR=host bash scripts/train_cc3m.sh v3`.
+# slurm: `LAUNCHER=torchrun bash scripts/train_cc3m.sh v3` on one node, or on each of NNODES nodes
+# `LAUNCHER=torchrun NNODES=2 MASTER_ADDR=first-node bash scripts/train_cc3m.sh v3` (MASTER_PORT: 12805).
 # Usage: train_cc3m.sh VERSION [FLAGS...]; VERSION: openclip | v0 | v1 | v2 | v3; FLAGS are appended to
 # main.py's, so they win (scripts/train_preemptible.sh adds its checkpoint cadence this way).
 #SBATCH --time=2-00:00:00
@@ -50,8 +51,10 @@ if [ "$LAUNCHER" = srun ]; then
   exec srun python -u src/training/main.py "${ARGS[@]}"
 else
   ARGS+=(--logs-dir "$PWD/logs")  # --logs-dir: torchrun would read --logs as its own --logs-specs
-  cd src
-  # the c10d rendezvous can restart the workers (--max-restarts); the default static one cannot
-  exec torchrun --nproc_per_node="${NPROC_PER_NODE:-4}" --rdzv-backend=c10d \
-      --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --max-restarts="${MAX_RESTARTS:-0}" -m training.main "${ARGS[@]}"
+  cd src  # relative paths (DATA) still mean the project root there
+  # the c10d rendezvous can restart the workers (--max-restarts); the default static one cannot.
+  # torchrun needs HOST:PORT in --rdzv_endpoint.
+  exec torchrun --nnodes="${NNODES:-1}" --nproc_per_node="${NPROC_PER_NODE:-4}" --rdzv-backend=c10d \
+      --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-fastclip}" \
+      --max-restarts="${MAX_RESTARTS:-0}" -m training.main "${ARGS[@]}"
 fi

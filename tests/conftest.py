@@ -53,7 +53,7 @@ def scaled(command: list[str], **overrides: str) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """Real Fashion-MNIST shards (sparse img2dataset keys: 300 per shard) and a zero-shot test folder."""
-    from fastclip.data.demo import build_demo
+    from fastclip.datasets.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("fmnist"), samples_per_shard=300, limit=1200)
 

@@ -13,18 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.data import demo
-from fastclip.data.synthetic import build_synthetic_loader
-from fastclip.data.wds import (
-    DataError,
-    build_train_loader,
-    build_val_loader,
-    expand_shards,
-    shard_order,
-    slot_assignment,
-    to_rgb,
-)
-from fastclip.data.writer import img2dataset_key, shard_sample, write_shard
+from fastclip.data.loader import build_train_loader, build_val_loader
+from fastclip.data.samples import DataError, to_rgb
+from fastclip.data.shards import expand_shards, shard_order, slot_assignment
+from fastclip.datasets import demo
+from fastclip.datasets.synthetic import build_synthetic_loader
+from fastclip.datasets.writer import img2dataset_key, shard_sample, write_shard
 from fastclip.models import register_model_configs
 
 IMAGE_SIZE = 32

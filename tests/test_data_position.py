@@ -19,9 +19,11 @@ import pytest
 import torch
 from torchvision import transforms
 
-from fastclip.data import wds
-from fastclip.data.synthetic import build_synthetic_loader
-from fastclip.data.wds import IncompatiblePosition, build_train_loader, expand_shards
+from fastclip.data import loader as data_loader
+from fastclip.data import samples
+from fastclip.data.loader import IncompatiblePosition, build_train_loader
+from fastclip.data.shards import expand_shards
+from fastclip.datasets.synthetic import build_synthetic_loader
 from fastclip.models import register_model_configs
 
 IMAGE_SIZE = 32
@@ -196,7 +198,7 @@ def test_resume_after_a_damaged_shard_does_not_count_it_again(damaged_pair, toke
     counted = next(i for i, batch in enumerate(full) if batch["skipped"])  # the damage first counts here
     for cut in (counted, counted + 1):  # resumed before it (the rest counts it) and after it (must not)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=wds.__name__):
+        with caplog.at_level(logging.WARNING, logger=samples.__name__):
             rest = list(resumed(make, states[cut]))
         assert_same(full[:cut] + rest, full)
         if workers == 0:  # worker processes log elsewhere
@@ -226,8 +228,8 @@ def test_incompatible_positions_say_why(two_shards, tokenizer, demo_data):
 def test_fast_forward_neither_decodes_nor_augments_the_skipped_samples(two_shards, tokenizer, demo_data,
                                                                        monkeypatch):
     preprocess = Counting(augment())
-    decode = Counting(wds.decode_sample)
-    monkeypatch.setattr(wds, "decode_sample", decode)
+    decode = Counting(data_loader.decode_sample)
+    monkeypatch.setattr(data_loader, "decode_sample", decode)
 
     def make():
         return make_loader(two_shards, tokenizer, demo_data.data_size, num_samples=320, preprocess=preprocess)

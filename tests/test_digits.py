@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 
 from sklearn.datasets import load_digits  # noqa: E402
 
-from fastclip.data import digits  # noqa: E402
+from fastclip.datasets import digits  # noqa: E402
 
 
 def read_samples(pattern: str) -> list[dict]:

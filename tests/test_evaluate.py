@@ -8,8 +8,14 @@ tokenizer's tokens) and returns that class's one-hot vector, so image i's logits
 from __future__ import annotations
 
 import json
+import fcntl
 import math
+import os
 import re
+import select
+import struct
+import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from torchvision.transforms import ToTensor
 from fastclip.evaluate import (
     append_results,
     class_prompts,
+    embed_pairs,
     is_imagenet_folder,
     load_image_folder,
     retrieval_eval,
@@ -194,14 +201,15 @@ def test_partial_imagenet_copy_keeps_all_1000_classes(tmp_path):
 
 
 def _retrieval_batches(images: torch.Tensor, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Loader batches: pixel rows as (b, 3, 1, n) images; text i is token sequence [i, 0, ...]."""
+    """Loader batches: pixel rows as (b, 3, 1, n) images; text i is token sequence [i, 0, ...]; pair i is
+    the set's i-th ('order')."""
     batches, start = [], 0
     for size in sizes:
         index = torch.arange(start, start + size)
         text = torch.zeros(size, 32, dtype=torch.long)
         text[:, 0] = index
         image = images[index].view(size, 1, 1, -1).expand(size, 3, 1, -1)
-        batches.append({"image": image, "text": text, "index": index})
+        batches.append({"image": image, "text": text, "index": index, "order": index})
         start += size
     return batches
 
@@ -220,7 +228,7 @@ def test_image_to_text_recall_from_known_ranks():
     scores, identity = _score_matrix(), torch.eye(len(RANKS))
     model = TableTextModel(table=identity)
 
-    metrics = retrieval_eval(model, _retrieval_batches(scores, [5, 7]))
+    metrics = retrieval_eval(model, _retrieval_batches(scores, [5, 7]), batch_size=7)
 
     assert {k: metrics[f"image_to_text_{k}"] for k in EXPECTED} == pytest.approx(EXPECTED)
     assert metrics["num_samples"] == 12
@@ -230,30 +238,81 @@ def test_text_to_image_recall_from_known_ranks():
     scores, identity = _score_matrix(), torch.eye(len(RANKS))
     model = TableTextModel(table=scores)
 
-    metrics = retrieval_eval(model, _retrieval_batches(identity, [12]))
+    metrics = retrieval_eval(model, _retrieval_batches(identity, [12]), batch_size=12)
 
     assert {k: metrics[f"text_to_image_{k}"] for k in EXPECTED} == pytest.approx(EXPECTED)
 
 
-def test_val_loss_is_sample_weighted_batch_clip_loss_at_model_temperature():
+def test_val_loss_is_sample_weighted_clip_loss_of_batch_size_blocks_at_model_temperature():
     identity = torch.eye(12)
     model = TableTextModel(table=identity, logit_scale=2.0)
 
-    metrics = retrieval_eval(model, _retrieval_batches(identity, [4, 8]))
+    # blocks of 8 and 4 pairs in set order, whatever batches the loader yields
+    metrics = retrieval_eval(model, _retrieval_batches(identity, [3, 5, 4]), batch_size=8)
 
-    # a batch of b perfect pairs at scale s: -log(e^s / (e^s + b - 1)) in both directions
-    expected = (4 * math.log(1 + 3 * math.exp(-2)) + 8 * math.log(1 + 7 * math.exp(-2))) / 12
+    # a block of b perfect pairs at scale s: -log(e^s / (e^s + b - 1)) in both directions
+    expected = (8 * math.log(1 + 7 * math.exp(-2)) + 4 * math.log(1 + 3 * math.exp(-2))) / 12
     assert metrics["clip_val_loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["image_to_text_R@1"] == metrics["text_to_image_R@1"] == 1.0
 
 
 def test_collapsed_model_scores_no_recall_and_log_batch_size_loss():
     same = torch.ones(12, 4)
-    metrics = retrieval_eval(TableTextModel(table=same), _retrieval_batches(same, [4, 8]))
+    metrics = retrieval_eval(TableTextModel(table=same), _retrieval_batches(same, [4, 8]), batch_size=8)
 
     assert metrics["image_to_text_R@10"] == metrics["text_to_image_R@1"] == 0.0
     assert metrics["image_to_text_mean_rank"] == 12
-    assert metrics["clip_val_loss"] == pytest.approx((4 * math.log(4) + 8 * math.log(8)) / 12, rel=1e-6)
+    assert metrics["clip_val_loss"] == pytest.approx((8 * math.log(8) + 4 * math.log(4)) / 12, rel=1e-6)
+
+
+def test_batches_in_any_order_are_evaluated_in_set_order_and_cut_to_num_samples():
+    scores, identity = _score_matrix(), torch.eye(len(RANKS))
+    model = TableTextModel(table=identity, logit_scale=2.0)
+    batches = _retrieval_batches(scores, [5, 4, 3])
+
+    in_order = retrieval_eval(model, batches, batch_size=4)
+    shuffled = retrieval_eval(model, [batches[2], batches[0], batches[1]], batch_size=4)
+    first = retrieval_eval(model, batches, batch_size=4, num_samples=8)
+    images, _ = embed_pairs(model, reversed(batches), num_samples=8)
+
+    assert shuffled == in_order
+    assert torch.equal(images, F.normalize(scores[:8], dim=-1))
+    assert first["num_samples"] == 8
+    assert first == retrieval_eval(model, _retrieval_batches(scores[:8], [8]), batch_size=4)
+
+
+def _terminal() -> tuple[int, int]:
+    """A pseudo-terminal (master, replica) 24 rows by 100 columns wide (tqdm sizes its bars to it)."""
+    master, replica = os.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    return master, replica
+
+
+def _drawn(master: int) -> str:
+    chunks = []
+    while select.select([master], [], [], 0.5)[0]:
+        chunks.append(os.read(master, 1 << 16))
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_are_drawn_on_a_terminal_only(tmp_path, monkeypatch, capfd):
+    folders = ["kettle", "tulip", "zebra"]
+    root = write_folder(tmp_path / "val", folders, [[0, 1], [0], [2]])
+
+    def evaluate() -> None:
+        zero_shot_eval(ClassNameModel(folders), root, ToTensor(), TOKENIZER, batch_size=2)
+        retrieval_eval(TableTextModel(table=torch.eye(12)), _retrieval_batches(torch.eye(12), [6, 6]), batch_size=12)
+
+    evaluate()
+    assert capfd.readouterr().err == ""  # stderr to a file or pipe (a log) stays clean
+
+    master, replica = _terminal()
+    with os.fdopen(replica, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        evaluate()
+        drawn = _drawn(master)
+    os.close(master)
+    assert "zero-shot: " in drawn and "0/2" in drawn and "retrieval: " in drawn
 
 
 def test_append_results_writes_one_json_object_per_line(tmp_path):
@@ -278,13 +337,13 @@ def test_smoke_real_tiny_open_clip_model(tmp_path):
     cpu = torch.device("cpu")
     images = torch.randn(6, 3, 32, 32)
     texts = bundle.tokenizer([f"a photo number {i}" for i in range(6)])
-    batches = [{"image": images, "text": texts, "index": torch.arange(6)}]
+    batches = [{"image": images, "text": texts, "index": torch.arange(6), "order": torch.arange(6)}]
 
     for precision in ("fp32", resolve_precision("amp_bf16", cpu)):  # a string, or the script's Precision
         zero_shot = zero_shot_eval(
             bundle.model, tmp_path, bundle.preprocess_val, bundle.tokenizer, cpu, batch_size=4, precision=precision
         )
-        retrieval = retrieval_eval(bundle.model, batches, cpu, precision=precision)
+        retrieval = retrieval_eval(bundle.model, batches, cpu, batch_size=6, precision=precision)
 
         assert 0.0 <= zero_shot["imagenet-zeroshot-val-top1"] <= zero_shot["imagenet-zeroshot-val-top5"] <= 1.0
         assert zero_shot["zeroshot-num-images"] == 6

@@ -1,7 +1,11 @@
-"""Evaluation on one process: zero-shot classification on an image folder and image-text retrieval.
+"""Evaluation split over all ranks: zero-shot classification on an image folder, image-text retrieval.
 
-The caller runs this on rank 0 only, so nothing here touches torch.distributed. Metric names are
-open_clip_train's, so results.jsonl files of both frameworks can be compared line by line.
+Every rank embeds its share (zero-shot: a contiguous block of the class names and of the images;
+retrieval: its validation loader's share of the pairs), the pieces are joined with collectives, and
+every rank returns the same metrics, equal to those of one process. Without torch.distributed
+initialised everything runs in this process. Progress bars show on rank 0 when stderr is a terminal,
+so log files stay clean. Metric names are open_clip_train's, so results.jsonl files of both
+frameworks can be compared line by line.
 """
 
 from __future__ import annotations
@@ -10,20 +14,25 @@ import contextlib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
+from tqdm import tqdm
 
+from fastclip.distributed import comm
 from fastclip.optim import unwrap
 from fastclip.precision import Precision, resolve_precision
 
 Template = Callable[[str], str]
+T = TypeVar("T")
 
 _SYNSET = re.compile(r"n\d{8}")
 RECALL_AT = (1, 5, 10)
@@ -67,6 +76,26 @@ def load_image_folder(folder: str | Path, transform: Callable) -> ImageFolder:
     return dataset
 
 
+def rank_share(n: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous block of n items: sizes differ by at most one, no item twice or never."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows joined in rank order on every rank; ranks may hold different numbers of rows
+    (padded in transit). A rank without rows may pass a (0, 0) tensor: the others give the row shape."""
+    if comm.world_size() == 1:
+        return rows
+    shapes = comm.all_gather_no_grad(torch.tensor([list(rows.shape)], device=rows.device)).tolist()
+    padded_shape = [max(column) for column in zip(*shapes)]
+    padded = rows.new_zeros(padded_shape)
+    if len(rows):
+        padded[: len(rows)] = rows
+    gathered = comm.all_gather_no_grad(padded)
+    block = padded_shape[0]
+    return torch.cat([gathered[r * block : r * block + shape[0]] for r, shape in enumerate(shapes)])
+
+
 def zero_shot_eval(
     model: torch.nn.Module,
     folder: str | Path,
@@ -80,25 +109,47 @@ def zero_shot_eval(
     precision: Precision | str = "fp32",
 ) -> dict[str, float | int]:
     """Top-1/top-5 zero-shot accuracy on an ImageFolder, under open_clip_train's `imagenet-zeroshot-val-*`
-    names whatever the folder holds (top-5 means top-min(5, classes))."""
+    names whatever the folder holds (top-5 means top-min(5, classes)).
+
+    Each rank embeds a block of the class names (the classifier is all-gathered) and a block of the
+    images (in folder order, no image twice); the correct counts are summed over ranks.
+    """
     model, device = unwrap(model), torch.device(device)
     precision = _resolve(precision, device)
     dataset = load_image_folder(folder, preprocess)
     classnames, templates = class_prompts(dataset.classes, classnames_file)
     k = min(5, len(classnames))
+    images = Subset(dataset, rank_share(len(dataset), comm.rank(), comm.world_size()))
     with _eval_mode(model):
-        with precision.autocast(device):
-            classifier = open_clip.build_zero_shot_classifier(
-                model, tokenizer=tokenizer, classnames=classnames, templates=templates, device=device
-            )
-        loader = _loader(dataset, batch_size, workers, device)
-        top1, topk = _count_correct(model, classifier.float(), loader, k, device, precision)
+        classifier = _zero_shot_classifier(model, tokenizer, classnames, templates, device, precision)
+        loader = _loader(images, batch_size, workers, device)
+        top1, topk = _count_correct(model, classifier, _progress(loader, "zero-shot"), k, device, precision)
     return {
         "imagenet-zeroshot-val-top1": top1 / len(dataset),
         "imagenet-zeroshot-val-top5": topk / len(dataset),
         "zeroshot-num-classes": len(classnames),
         "zeroshot-num-images": len(dataset),
     }
+
+
+def _zero_shot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device,
+    precision: Precision,
+) -> torch.Tensor:
+    """(embedding dim, classes) float32 class embeddings; this rank embeds its block of the classes."""
+    block = rank_share(len(classnames), comm.rank(), comm.world_size())
+    mine = torch.empty(0, 0, device=device)
+    if len(block):
+        with precision.autocast(device):
+            mine = open_clip.build_zero_shot_classifier(
+                model, tokenizer=tokenizer, classnames=classnames[block.start : block.stop], templates=templates,
+                device=device, use_tqdm=_show_progress(),
+            ).float().T
+    return gather_rows(mine).T
 
 
 def _count_correct(
@@ -109,17 +160,20 @@ def _count_correct(
     device: torch.device,
     precision: Precision,
 ) -> tuple[int, int]:
+    """Top-1 and top-k hits summed over all ranks; counted on the device, read once at the end."""
     input_dtype = open_clip.get_input_dtype(precision.model_dtype)
-    top1 = topk = 0
     with torch.inference_mode():
+        counts = torch.zeros(2, dtype=torch.int64, device=device)
         for images, targets in loader:
             images = images.to(device=device, dtype=input_dtype, non_blocking=True)
+            targets = targets.to(device=device, non_blocking=True)
             with precision.autocast(device):
                 features = model.encode_image(images, normalize=True)
-            predictions = (features.float() @ classifier).topk(k, dim=1).indices.cpu()
-            hits = predictions == targets.view(-1, 1)
-            top1 += int(hits[:, 0].sum())
-            topk += int(hits.any(dim=1).sum())
+            hits = (features.float() @ classifier).topk(k, dim=1).indices == targets.view(-1, 1)
+            counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        if comm.world_size() > 1:
+            dist.all_reduce(counts)
+        top1, topk = counts.tolist()
     return top1, topk
 
 
@@ -128,64 +182,109 @@ def retrieval_eval(
     loader: Iterable[Mapping[str, torch.Tensor]],
     device: torch.device | str = "cpu",
     *,
+    batch_size: int,
     precision: Precision | str = "fp32",
+    num_samples: int | None = None,
 ) -> dict[str, float | int]:
-    """Image<->text recall@1/5/10 and ranks over the whole validation set, plus the CLIP loss averaged
-    over its batches (in-batch negatives, the model's logit_scale); pair i's match is position i."""
-    model, device = unwrap(model), torch.device(device)
-    precision = _resolve(precision, device)
-    with _eval_mode(model):
-        image_features, text_features, loss = _embed_pairs(model, loader, device, precision)
-    metrics: dict[str, float | int] = {}
-    metrics.update(rank_metrics("image_to_text", ground_truth_ranks(image_features, text_features)))
-    metrics.update(rank_metrics("text_to_image", ground_truth_ranks(text_features, image_features)))
-    metrics["clip_val_loss"] = loss
+    """Image<->text recall@1/5/10 and ranks over the whole validation set, plus the CLIP loss (in-batch
+    negatives, the model's logit_scale) averaged over consecutive blocks of `batch_size` pairs in set
+    order, as one process reading the set in batches of that size sees them; pair i's match is pair i.
+
+    `loader` yields this rank's share of the set (`embed_pairs`); `num_samples` keeps the first pairs.
+    The ranks split the query rows and the loss blocks between them.
+    """
+    model = unwrap(model)
+    image_features, text_features = embed_pairs(model, loader, device, precision=precision, num_samples=num_samples)
+    with torch.inference_mode():
+        metrics: dict[str, float | int] = {}
+        metrics.update(rank_metrics("image_to_text", _split_ground_truth_ranks(image_features, text_features)))
+        metrics.update(rank_metrics("text_to_image", _split_ground_truth_ranks(text_features, image_features)))
+        metrics["clip_val_loss"] = blockwise_clip_loss(image_features, text_features,
+                                                       model.logit_scale.exp().float(), batch_size)
     metrics["num_samples"] = len(image_features)
     return metrics
 
 
-def _embed_pairs(
+def embed_pairs(
     model: torch.nn.Module,
     loader: Iterable[Mapping[str, torch.Tensor]],
-    device: torch.device,
-    precision: Precision,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Normalised float32 features of every pair, kept on the CPU, and the sample-weighted mean loss."""
+    device: torch.device | str = "cpu",
+    *,
+    precision: Precision | str = "fp32",
+    num_samples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 image and text features of the whole set, on every rank, in set order.
+
+    Each rank embeds what its loader yields, batches carrying each pair's place in the set as 'order'
+    (`build_val_loader`'s); the features of all ranks are gathered and sorted by it, so the result does
+    not depend on how the set was split. Every rank holds all N x D features on `device`: the recall
+    computation needs them. With `num_samples`, the first pairs in set order (which ones come first is
+    known once every rank's share is gathered; a loader built with `limit` reads little more than them).
+    """
+    model, device = unwrap(model), torch.device(device)
+    precision = _resolve(precision, device)
     input_dtype = open_clip.get_input_dtype(precision.model_dtype)
-    images_out, texts_out, loss_sum = [], [], 0.0
-    with torch.inference_mode():
-        for batch in loader:
+    images_out, texts_out, orders = [], [], []
+    with _eval_mode(model), torch.inference_mode():
+        for batch in _progress(loader, "retrieval"):
             images = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
             texts = batch["text"].to(device=device, non_blocking=True)
             with precision.autocast(device):
-                image_features = model.encode_image(images, normalize=True).float()
-                text_features = model.encode_text(texts, normalize=True).float()
-            loss_sum += clip_loss(image_features, text_features, model.logit_scale.exp().float()) * len(images)
-            images_out.append(image_features.cpu())
-            texts_out.append(text_features.cpu())
-    if not images_out:
-        raise ValueError("the validation loader yielded no batches")
-    image_features, text_features = torch.cat(images_out), torch.cat(texts_out)
-    return image_features, text_features, loss_sum / len(image_features)
+                images_out.append(model.encode_image(images, normalize=True).float())
+                texts_out.append(model.encode_text(texts, normalize=True).float())
+            orders.append(batch["order"].to(device=device, non_blocking=True))
+        order = gather_rows(_joined(orders, torch.empty(0, dtype=torch.int64, device=device)))
+        if len(order) == 0:
+            raise ValueError("the validation loader yielded no pairs on any rank")
+        keep = order.argsort(stable=True)[:num_samples]
+        empty = torch.empty(0, 0, device=device)
+        image_features = gather_rows(_joined(images_out, empty))[keep]
+        text_features = gather_rows(_joined(texts_out, empty))[keep]
+    return image_features, text_features
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> float:
+def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else empty
+
+
+def _split_ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`ground_truth_ranks` of every query; each rank scores a block of the query rows."""
+    rows = rank_share(len(queries), comm.rank(), comm.world_size())
+    return gather_rows(ground_truth_ranks(queries[rows.start : rows.stop], keys, first=rows.start))
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of one batch with in-batch negatives (open_clip's ClipLoss on one rank)."""
     logits = logit_scale * image_features @ text_features.T
     labels = torch.arange(len(logits), device=logits.device)
-    return float((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """0-based rank of key i among all keys for query i, by cosine score, in row chunks so memory stays
-    O(chunk * n). Ties count against the match, so a collapsed model scores no recall."""
-    ranks = []
+def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        batch_size: int) -> float:
+    """Sample-weighted mean `clip_loss` of consecutive blocks of `batch_size` pairs (the last may be
+    short). Ranks share the blocks; the per-block values are gathered and summed in block order, so the
+    sum is the same however many ranks computed it."""
+    starts = range(0, len(image_features), batch_size)
+    block = rank_share(len(starts), comm.rank(), comm.world_size())
+    mine = starts[block.start : block.stop]
+    weighted = torch.zeros(len(mine), dtype=torch.float64, device=image_features.device)
+    for i, start in enumerate(mine):
+        images, texts = image_features[start : start + batch_size], text_features[start : start + batch_size]
+        weighted[i] = clip_loss(images, texts, logit_scale).double() * len(images)
+    return float(gather_rows(weighted).sum()) / len(image_features)
+
+
+def ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor, first: int = 0, chunk: int = 1024) -> torch.Tensor:
+    """0-based rank of key `first + i` among all keys for query i, by cosine score, in row chunks so memory
+    stays O(chunk * n). Ties count against the match, so a collapsed model scores no recall."""
+    ranks = torch.empty(len(queries), dtype=torch.int64, device=queries.device)
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ keys.T
-        rows = torch.arange(len(scores))
-        matched = scores[rows, rows + start].unsqueeze(1)
-        ranks.append((scores >= matched).sum(dim=1) - 1)
-    return torch.cat(ranks)
+        rows = torch.arange(len(scores), device=scores.device)
+        matched = scores[rows, rows + first + start].unsqueeze(1)
+        ranks[start : start + len(scores)] = (scores >= matched).sum(dim=1) - 1
+    return ranks
 
 
 def rank_metrics(name: str, ranks: torch.Tensor) -> dict[str, float]:
@@ -207,6 +306,15 @@ def append_results(path: str | Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(dict(record)) + "\n")
 
 
+def _show_progress() -> bool:
+    return comm.rank() == 0 and sys.stderr.isatty()
+
+
+def _progress(items: Iterable[T], what: str) -> Iterable[T]:
+    """A progress bar on rank 0 when stderr is a terminal (never in a log file, never K bars)."""
+    return tqdm(items, desc=what, unit="batch", leave=False, disable=not _show_progress())
+
+
 def _resolve(precision: Precision | str, device: torch.device) -> Precision:
     return resolve_precision(precision, device) if isinstance(precision, str) else precision
 
@@ -222,7 +330,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _loader(dataset: ImageFolder, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, shuffle=False, pin_memory=device.type == "cuda"
     )

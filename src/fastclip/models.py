@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
 import torch
@@ -20,6 +22,22 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's root-logger warning that no pretrained weights were loaded: without --pretrained
+    a random initialisation is what was asked for. Any other warning still shows."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 @dataclass
@@ -44,9 +62,10 @@ def build_model(
     objectives and the seed's `--temperature` flag refer to.
     """
     register_model_configs()
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, precision=precision, device=device, output_dict=True
-    )
+    with _without_random_init_warning() if pretrained is None else contextlib.nullcontext():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=precision, device=device, output_dict=True
+        )
     if temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / temperature))

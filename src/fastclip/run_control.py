@@ -84,20 +84,24 @@ class RunControl:
         return RunStopped(PREEMPTED, f"stopped by {why} at epoch {progress.epoch}, step {progress.global_step}: "
                                      f"saved {path}; continue with --resume latest")
 
-    def end_epoch(self, progress: Progress) -> None:
+    def end_epoch(self, progress: Progress) -> Path | None:
         """Epoch-end checkpoints: epoch_N.pt when due, epoch_latest.pt with --save-most-recent; a
-        mid-epoch epoch_latest.pt is removed once a newer checkpoint is complete."""
+        mid-epoch epoch_latest.pt is removed once a newer checkpoint is complete. Returns the file that
+        holds this epoch's weights (epoch_N.pt first: it stays), None when none was written."""
         policy, epoch = self.policy, progress.epoch
         numbered = policy.every_n_epochs > 0 and (epoch % policy.every_n_epochs == 0 or epoch == policy.final_epoch)
         checkpoint_dir = self.checkpointer.dir
+        path = None
         if numbered:
             path = self.checkpointer.save(progress, f"epoch_{epoch}")
             if comm.rank() == 0 and policy.delete_previous:
                 files.prune_previous(checkpoint_dir, keep=path)
         if policy.most_recent:
-            self.save_latest(progress)
+            latest = self.save_latest(progress)
+            path = path or latest
         elif numbered and comm.rank() == 0:
             files.remove_checkpoint(checkpoint_dir / files.LATEST)
+        return path
 
     def close(self) -> None:
         self.agreement.drain()

@@ -2,7 +2,8 @@
 
 `build_trainer` wires a model and an objective into a `Trainer` (optimizer, schedules, DDP); the
 benchmarks use it as the training script does. `build_run` sets up a whole run: its folder and lock,
-logging, model, objective, data, trainer, checkpointer and the between-steps control.
+logging, model, objective, data (`data_setup`), trainer, checkpointer, the between-steps control and
+the evaluations (`evaluation`).
 """
 
 from __future__ import annotations
@@ -10,34 +11,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from fastclip import evaluate
 from fastclip.checkpoint import files
 from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
-from fastclip.data.synthetic import build_synthetic_loader
-from fastclip.data.wds import TrainLoader, build_train_loader, build_val_loader
-from fastclip.distributed import DistEnv
-from fastclip.distributed import control
+from fastclip.distributed import DistEnv, control
+from fastclip.distributed.threads import configure_cpu_threads, local_ranks
 from fastclip.engine import Trainer
 from fastclip.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.losses.openclip import OpenCLIPObjective
 from fastclip.models import ModelBundle, build_model
-from fastclip.optim import build_optimizer, unwrap
+from fastclip.optim import build_optimizer
 from fastclip.precision import Precision, resolve_precision
+from fastclip.progress import Progress
 from fastclip.run_control import RunControl, SavePolicy
 from fastclip.runlock import RunFolderBusy, RunLock
 from fastclip.schedules import LrSchedule, TauLrSchedule
 from fastclip.signals import StopSignals
-from training.params import save_params
+from fastclip.summary import RunFacts, format_summary, silence_known_warnings, version_name
+from training.data_setup import DataBundle, build_data, resolve_auto_sizes
+from training.evaluation import run_evaluations
+from training.params import save_params, trains
 
 logger = logging.getLogger("fastclip")
 
@@ -102,80 +104,6 @@ def build_objective(args: argparse.Namespace, env: DistEnv) -> Objective:
 
 
 @dataclass
-class DataBundle:
-    train: TrainLoader | None  # set_epoch(e), then iterate: exactly len() batches on every rank
-    val: Callable[[], Iterable[dict]] | None  # a fresh pass over the retrieval validation set
-
-
-def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> DataBundle:
-    """The training loader of this rank (webdataset or synthetic) and, on rank 0, the validation loader."""
-    pin = env.device.type == "cuda"
-    common = dict(preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer, batch_size=args.batch_size,
-                  seed=args.seed, rank=env.rank, world_size=env.world_size, workers=args.workers, pin_memory=pin)
-    train = None
-    if args.dataset_type == "webdataset" and args.train_data:
-        train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
-                                   **common)
-    elif args.dataset_type == "synthetic":
-        size = unwrap(bundle.model).visual.image_size
-        train = build_synthetic_loader(args.train_num_samples, image_size=size if isinstance(size, int) else size[0],
-                                       **common)
-    if not (args.val_data and env.is_master):
-        return DataBundle(train, None)
-
-    def val() -> Iterable[dict]:
-        loader = build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer, args.batch_size,
-                                  workers=args.workers, pin_memory=pin)
-        return first_samples(loader, args.val_num_samples) if args.val_num_samples else loader
-
-    return DataBundle(train, val)
-
-
-def first_samples(batches: Iterable[dict], limit: int) -> Iterator[dict]:
-    """The first `limit` samples of a stream of batches (--val-num-samples), the last batch cut to fit."""
-    remaining = limit
-    for batch in batches:
-        if remaining <= 0:
-            return
-        size = len(batch["index"])
-        yield batch if size <= remaining else {k: v[:remaining] if torch.is_tensor(v) else v for k, v in batch.items()}
-        remaining -= size
-
-
-def run_evaluations(
-    args: argparse.Namespace,
-    env: DistEnv,
-    model: torch.nn.Module,
-    bundle: ModelBundle,
-    data: DataBundle,
-    epoch: int,
-    run_dir: Path,
-    precision: Precision,
-    final: bool = True,
-) -> dict:
-    """Zero-shot and retrieval evaluations due at `epoch`, on rank 0; results appended to results.jsonl."""
-    if not env.is_master:
-        return {}
-    metrics: dict = {}
-    due_zeroshot = args.imagenet_val and (final or (args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0))
-    due_val = data.val is not None and (final or (args.val_frequency and epoch % args.val_frequency == 0))
-    bare = unwrap(model)
-    if due_zeroshot:
-        metrics.update(evaluate.zero_shot_eval(
-            bare, args.imagenet_val, bundle.preprocess_val, bundle.tokenizer, env.device,
-            batch_size=args.batch_size, workers=args.workers, precision=precision, classnames_file=args.zeroshot_classnames,
-        ))
-    if due_val:
-        metrics.update(evaluate.retrieval_eval(bare, data.val(), env.device, precision=precision))
-    if metrics:
-        record = {"epoch": epoch, **metrics}
-        evaluate.append_results(run_dir / "results.jsonl", record)
-        shown = " ".join(f"{k}: {v if isinstance(v, int) else round(v, 4)}" for k, v in metrics.items())
-        logger.info("Eval Epoch: %d %s", epoch, shown)
-    return metrics
-
-
-@dataclass
 class Run:
     """A set-up run; `trainer` and `control` are None when it only evaluates."""
 
@@ -194,16 +122,13 @@ class Run:
     def model(self) -> torch.nn.Module:
         return self.bundle.model if self.trainer is None else self.trainer.model
 
-    def evaluate(self, epoch: int, final: bool = True) -> dict:
-        return run_evaluations(self.args, self.env, self.model, self.bundle, self.data, epoch, self.run_dir,
-                               self.precision, final)
+    def evaluate(self, progress: Progress, checkpoint: Path | None, final: bool = True) -> dict:
+        """The evaluations due after `progress`, whose weights `checkpoint` holds; on every rank."""
+        return run_evaluations(self.args, self.env, self.model, self.bundle, self.data, progress, checkpoint,
+                               self.run_dir, self.precision, final)
 
     def close(self) -> None:
         self.stack.close()
-
-
-def trains(args: argparse.Namespace) -> bool:
-    return args.dataset_type != "none" and args.epochs > 0
 
 
 def prepare_run_dir(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> tuple[Path, str | None]:
@@ -242,15 +167,18 @@ def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
 
 def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> Run:
     run_dir, previous_holder = prepare_run_dir(args, env, stack)
-    setup_logging(run_dir / "out.log", env.rank)
+    setup_logging(run_dir / "out.log", env.rank, logging.DEBUG if args.debug else logging.INFO)
     if previous_holder is not None:
         logger.info("took over the lock of %s, which no longer runs", previous_holder)
+    resolve_auto_sizes(args, env)
     if env.is_master:
         save_params(args, run_dir)
         removed = files.remove_leftovers(run_dir / "checkpoints")
         if removed:
             logger.info("removed %d leftovers of interrupted saves (e.g. %s)", len(removed), removed[0].name)
     logger.info("run %s: rank %d of %d on %s", args.name, env.rank, env.world_size, env.device)
+    silence_known_warnings()
+    cpu_threads = configure_cpu_threads(env.device, args.workers)
     seed_everything(args.seed)  # identical initial weights on every rank
     precision = resolve_precision(args.precision, env.device)
     if env.device.type == "cuda":
@@ -259,6 +187,7 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
                          args.grad_checkpointing)
     data = build_data(args, env, bundle)
     if not trains(args) or data.train is None:
+        log_startup_summary(args, env, run_dir, bundle, precision, 0, None, cpu_threads)
         return Run(args, env, run_dir, bundle, precision, data, None, None, None, stack)
     objective = build_objective(args, env)
     metrics = stack.enter_context(contextlib.closing(
@@ -272,7 +201,27 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
     signals = stack.enter_context(StopSignals())
     run_control = RunControl(checkpointer, policy, signals, trainer.guard)
     stack.callback(run_control.close)
+    log_startup_summary(args, env, run_dir, bundle, precision, len(data.train), objective, cpu_threads)
     return Run(args, env, run_dir, bundle, precision, data, trainer, checkpointer, run_control, stack)
+
+
+def log_startup_summary(args: argparse.Namespace, env: DistEnv, run_dir: Path, bundle: ModelBundle,
+                        precision: Precision, steps_per_epoch: int, objective: Objective | None,
+                        cpu_threads: str) -> None:
+    """Rank 0's start-up block (fastclip.summary): what is about to run, before the first step."""
+    if not env.is_master:
+        return
+    state = objective.per_sample if objective is not None else None
+    logger.info("%s", format_summary(RunFacts(
+        version=version_name(args.fastclip, args.temperature_scheme, args.multiply_tau),
+        world_size=env.world_size, local_ranks=local_ranks(os.environ), device=str(env.device),
+        precision=precision.name, model=args.model, parameters=sum(p.numel() for p in bundle.model.parameters()),
+        batch_size=args.batch_size, steps_per_epoch=steps_per_epoch, epochs=args.epochs, stop_epochs=args.stop_epochs,
+        data_size=args.data_size if isinstance(args.data_size, int) else None,
+        state_bytes_per_sample=state.columns * state.table.element_size() if state is not None else 0,
+        state_rows_per_rank=state.rows if state is not None else 0,
+        cpu_threads=cpu_threads, output=str(run_dir.resolve()), paths_relative_to=args.paths_relative_to,
+    )))
 
 
 def plain_config(args: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ checkpoint, 76 another rank hung or died, 77 too many non-finite steps (see fast
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,37 +17,64 @@ from typing import Sequence
 if __package__ in (None, ""):  # `python src/training/main.py`: make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastclip.checkpoint import files  # noqa: E402
-from fastclip.checkpoint.checkpointer import CheckpointWriteError  # noqa: E402
-from fastclip.distributed import control, init_distributed  # noqa: E402
-from fastclip.distributed.env import close_distributed  # noqa: E402
-from fastclip.optim import unwrap  # noqa: E402
-from fastclip.progress import PEER_LOST, RunStopped  # noqa: E402
-from training.builders import Run, build_run, resume_candidates, seed_everything  # noqa: E402
+# Only the flags at module level: torch, open_clip and the library load inside `main`, after parsing,
+# so that `--help` and flag errors come back at once.
 from training.params import parse_args  # noqa: E402
 
 logger = logging.getLogger("fastclip")
 
 
+def original_message(error: BaseException) -> str:
+    """The message `error` was raised with, on one line, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process as the same type with the message
+    "Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...", whose last
+    "<module>.<Type>: " line starts the original message (torch/_utils.py, ExceptionWrapper.reraise);
+    chained causes come before it.
+    """
+    text = str(error)
+    name = type(error).__name__
+    if text.startswith(f"Caught {name} "):
+        starts = [m.end() for m in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, re.M)]
+        if starts:
+            text = text[starts[-1]:]
+    return " ".join(line.strip() for line in text.strip().splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train and/or evaluate as the flags say; returns the last evaluation's metrics.
 
-    Ends with SystemExit: a one-line "error: ..." for bad input, or the exit code of a run that
-    stopped early on purpose (its log says why and how to continue).
+    Ends with SystemExit: a one-line "error: ..." for bad input (a full traceback with --debug), or the
+    exit code of a run that stopped early on purpose (its log says why and how to continue).
     """
     args = parse_args(argv)
-    env = init_distributed(args.device, args.dist_backend, args.dist_url, timeout_s=round(60 * args.dist_timeout))
+    from fastclip.checkpoint import files
+    from fastclip.checkpoint.checkpointer import CheckpointWriteError
+    from fastclip.data.samples import DataError
+    from fastclip.distributed import control, init_distributed
+    from fastclip.distributed.env import close_distributed
+    from fastclip.progress import PEER_LOST, RunStopped
+    from training.preflight import check_run
+
     try:
+        check_run(args)  # before the process group: every rank stops on its own, none waits for another
+        from training.builders import build_run  # open_clip and the rest of the library
+        from training.loop import train_and_evaluate
+
+        env = init_distributed(args.device, args.dist_backend, args.dist_url, timeout_s=round(60 * args.dist_timeout))
         run = build_run(args, env)
         try:
+            logger.info("model %s, from %s", args.model, args.model_source)
             return train_and_evaluate(run)
         finally:
             run.close()
     except RunStopped as stop:
         logger.error("%s", stop)
         raise SystemExit(stop.code) from None
-    except (files.CheckpointError, CheckpointWriteError, files.DiskFullError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except (files.CheckpointError, CheckpointWriteError, files.DiskFullError, DataError) as error:
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {original_message(error)}") from None
     except RuntimeError as error:
         if not control.is_peer_failure(error):
             raise
@@ -58,35 +86,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         close_distributed()
 
 
-def train_and_evaluate(run: Run) -> dict:
-    """Set-up is done: one restore, then the epoch loop with its checkpoints and evaluations."""
-    args, env = run.args, run.env
-    candidates, explicit = resume_candidates(args, run.run_dir)
-    if run.trainer is None:  # evaluation only: the weights of the checkpoint, nothing else
-        loaded = files.load_first_good(candidates, explicit)
-        if loaded is not None:
-            path, checkpoint = loaded
-            unwrap(run.model).load_state_dict(files.model_state(checkpoint))
-            logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
-        return run.evaluate(int(loaded[1]["epoch"]) if loaded else 0)
-    progress = run.checkpointer.restore(candidates, explicit)
-    if progress.epoch >= args.stop_epochs:
-        logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,
-                    args.stop_epochs)
-        return run.evaluate(progress.epoch)
-    metrics: dict = {}
-    steps_per_epoch = len(run.data.train)
-    for epoch in range(progress.epoch, args.stop_epochs):
-        if progress.step_in_epoch == 0:  # a resumed epoch restored its RNG states and data position
-            seed_everything(args.seed + env.rank + 7919 * epoch)
-            run.data.train.set_epoch(epoch)
-        if not run.trainer.train_epoch(run.data.train, progress, steps_per_epoch, steps_per_epoch * args.epochs,
-                                       run.control):
-            raise run.control.stop(progress)
-        progress.finish_epoch()
-        run.control.end_epoch(progress)
-        metrics = run.evaluate(progress.epoch, final=progress.epoch == args.stop_epochs) or metrics
-    return metrics
+def cli() -> None:
+    """The `fastclip-train` console script: `main` on the command line, its metrics not returned as an exit code."""
+    main()
 
 
 if __name__ == "__main__":

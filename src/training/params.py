@@ -2,8 +2,10 @@
 
 The spellings are those of the FastCLIP seed commands (`--train-data` with a dash, `--data_size` with
 an underscore, ...); every flag also answers to its other spelling, so `--data-size` works too.
-Parsing ends in `resolve()`, which fills model-dependent defaults and rejects inconsistent
-combinations with a message that says what to change.
+Parsing ends in `resolve()`, which fills defaults that depend on other flags and rejects bad values
+and inconsistent combinations with a one-line message that says what to change. It reads no file:
+checks of paths, model names and checkpoints run at the start of `training.main.main`, and a run that
+resumes without `--model` takes the model its checkpoint records (`apply_model`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,33 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from training.paths import rebase_relative_paths
+
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16")
+DEFAULT_MODEL = "RN50"
+# The smallest value of each numeric flag, and what that value means where it means something special.
+MINIMUM = {
+    "batch_size": (1, ""), "workers": (0, " (0: load in the training process)"), "epochs": (0, " (0: evaluate only)"),
+    "stop_epochs": (1, ""), "warmup": (0, " (0: no warmup)"), "train_num_samples": (1, ""),
+    "val_num_samples": (1, ""), "data_size": (1, ""), "epochs_cooldown": (1, ""), "gamma_decay_epochs": (1, ""),
+    "wd": (0, ""), "lr_cooldown_end": (0, ""), "rho": (0, ""), "seed": (0, ""), "save_frequency": (0, " (0: never)"),
+    "save_every_n_steps": (0, " (0: off)"), "save_every_minutes": (0, " (0: off)"), "max_bad_steps": (1, ""),
+    "zeroshot_frequency": (0, " (0: after the last epoch only)"),
+    "val_frequency": (0, " (0: after the last epoch only)"),
+    "log_every_n_steps": (1, ""),
+}
+POSITIVE = ("lr", "eps", "grad_clip_norm", "fastclip_eps", "dist_timeout")
+AUTO = "auto"  # --train-num-samples / --data_size: counted from the --train-data shards when the run starts
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one; a default of None or False is explained by the help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,63 +57,133 @@ class _Parser(argparse.ArgumentParser):
         self.add_argument(*spellings, **kwargs)
 
 
+def _count_or_auto(text: str) -> int | str:
+    """A sample count, or 'auto' for one the run reads from its shards' index."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="FastCLIP / OpenCLIP training", allow_abbrev=False)
+    p = _Parser(description="FastCLIP / OpenCLIP training and zero-shot / retrieval evaluation. Every flag "
+                "also answers to its other spelling (--data_size and --data-size).",
+                formatter_class=_HelpFormatter, allow_abbrev=False)
 
     # data
-    p.add("--train-data", type=str, default=None, help="webdataset shards: brace patterns, '::'-joined lists")
-    p.add("--val-data", type=str, default=None, help="webdataset shards for retrieval evaluation")
-    p.add("--train-num-samples", type=int, default=None, help="samples per epoch (sets steps per epoch)")
-    p.add("--val-num-samples", type=int, default=None, help="evaluate retrieval on the first N pairs of --val-data (default: all)")
-    p.add("--data_size", type=int, default=None, help="upper bound (exclusive) of sample keys; FastCLIP state size")
-    p.add("--dataset-type", choices=("webdataset", "synthetic", "auto"), default="auto")
-    p.add("--imagenet-val", type=str, default=None, help="ImageNet-style folder for zero-shot evaluation")
-    p.add("--zeroshot-classnames", type=str, default=None, help="class names file for --imagenet-val")
-    p.add("--workers", type=int, default=4, help="DataLoader worker processes per rank")
-    p.add("--batch-size", type=int, default=64, help="batch size per rank")
+    p.add("--train-data", type=str, default=None,
+          help="training shards (webdataset tars as img2dataset writes them): a brace pattern such as "
+               "'cc3m/{00000..00331}.tar', several joined with '::'; URLs and pipe: go to webdataset as they are; "
+               "or a CSV of image paths and captions (--dataset-type csv)")
+    p.add("--val-data", type=str, default=None,
+          help="shards for image-text retrieval evaluation (recall@1/5/10), same syntax as --train-data; a CSV "
+               "with --dataset-type csv")
+    p.add("--train-num-samples", type=_count_or_auto, default=None,
+          help="samples per epoch over all ranks: every rank runs ceil(N / (batch size x ranks)) steps; auto: "
+               "the samples of --train-data (python -m fastclip.data.index, cached beside the shards)")
+    p.add("--val-num-samples", type=int, default=None,
+          help="evaluate retrieval on the first N pairs of --val-data in shard order, reading only the first N "
+               "samples of each shard (default: all)")
+    p.add("--data_size", type=_count_or_auto, default=None,
+          help="sample keys (the 'key' of each sample's .json) lie in [0, data_size): the number of rows of "
+               "FastCLIP's per-sample state; required by --fastclip (a CSV's default: its rows); auto: the largest key "
+               "of --train-data + 1")
+    p.add("--dataset-type", choices=("webdataset", "csv", "synthetic", "auto"), default="auto",
+          help="webdataset shards, a CSV of image paths and captions (--train-data and --val-data name the "
+               "file; --train-num-samples and --data_size default to its rows), or synthetic random pairs for "
+               "timing; auto: csv when --train-data ends in .csv or .tsv, else webdataset with --train-data, "
+               "synthetic with --train-num-samples alone, else evaluation only")
+    p.add("--csv-separator", type=str, default="\t", help="For csv-like datasets, which separator to use.")
+    p.add("--csv-img-key", type=str, default="filepath",
+          help="For csv-like datasets, the name of the key for the image paths.")
+    p.add("--csv-caption-key", type=str, default="title",
+          help="For csv-like datasets, the name of the key for the captions.")
+    p.add("--imagenet-val", type=str, default=None,
+          help="image folder with one sub-folder per class (e.g. ImageNet-1k val) for zero-shot classification")
+    p.add("--zeroshot-classnames", type=str, default=None,
+          help="file with one class name per line, in the sorted order of the --imagenet-val sub-folders "
+               "(default: open_clip's ImageNet names for the 1000 synsets, else the folder names)")
+    p.add("--workers", type=int, default=4,
+          help="DataLoader worker processes per rank (0: load in the training process)")
+    p.add("--batch-size", type=int, default=64,
+          help="samples per rank and step; the global batch is this times the number of ranks")
 
     # model
-    p.add("--model", type=str, default="RN50", help="open_clip model name or local-dir:PATH")
-    p.add("--pretrained", type=str, default=None, help="open_clip pretrained tag or checkpoint path")
-    p.add("--temperature", type=float, default=0.07, help="initial temperature tau (logit_scale = log(1/tau))")
-    p.add("--grad-checkpointing", action="store_true")
-    p.add("--torchcompile", action="store_true")
+    p.add("--model", type=str, default=None,
+          help=f"open_clip model name (open_clip.list_models(), plus ViT-Tiny-32px and ViT-Small-32px), "
+               f"hf-hub:ORG/REPO or local-dir:PATH (default: the model of the --resume checkpoint, else "
+               f"{DEFAULT_MODEL})")
+    p.add("--pretrained", type=str, default=None,
+          help="open_clip pretrained tag (e.g. openai) or weights file to start from (default: random weights)")
+    p.add("--temperature", type=float, default=0.07,
+          help="initial temperature tau in (0, 1] (logit_scale = log(1/tau)); FastCLIP-v2 starts every "
+               "per-sample tau here")
+    p.add("--grad-checkpointing", action="store_true",
+          help="recompute activations in the backward pass (open_clip's set_grad_checkpointing): less memory, "
+               "more compute")
+    p.add("--torchcompile", action="store_true",
+          help="compile the model with torch.compile: a slower start, faster steps")
 
     # optimisation
-    p.add("--epochs", type=int, default=32)
-    p.add("--stop_epochs", type=int, default=None, help="stop after this epoch; schedules still span --epochs")
-    p.add("--lr", type=float, default=None, help="model learning rate (default by model, as open_clip)")
-    p.add("--beta1", type=float, default=None)
-    p.add("--beta2", type=float, default=None)
-    p.add("--eps", type=float, default=None)
-    p.add("--wd", type=float, default=0.2, help="weight decay (not applied to gains, biases, logit_scale)")
-    p.add("--warmup", type=int, default=10000, help="warmup steps of the model learning rate")
-    p.add("--lr-scheduler", choices=("cosine", "const", "const-cooldown"), default="cosine")
-    p.add("--epochs-cooldown", type=int, default=None, help="const-cooldown: epochs of linear cooldown")
-    p.add("--lr-cooldown-end", type=float, default=0.0)
-    p.add("--grad-clip-norm", type=float, default=None)
-    p.add("--precision", choices=PRECISIONS, default="auto", help="auto: fp32 on CPU, amp (bf16 if supported) on GPU")
+    p.add("--epochs", type=int, default=32,
+          help="epochs the schedules (learning rates, gamma) span; 0: only evaluate (--resume CKPT)")
+    p.add("--stop_epochs", type=int, default=None,
+          help="stop after this epoch; schedules still span --epochs (default: --epochs)")
+    p.add("--lr", type=float, default=None,
+          help="peak learning rate of the model's AdamW (default: open_clip_train's, 5e-4)")
+    p.add("--beta1", type=float, default=None, help="AdamW beta1 (default: 0.9)")
+    p.add("--beta2", type=float, default=None,
+          help="AdamW beta2 (default: open_clip_train's, 0.98 for ViTs, else 0.999)")
+    p.add("--eps", type=float, default=None,
+          help="AdamW epsilon (default: open_clip_train's, 1e-6 for ViTs, else 1e-8)")
+    p.add("--wd", type=float, default=0.2, help="AdamW weight decay (not applied to gains, biases, logit_scale)")
+    p.add("--warmup", type=int, default=10000, help="steps of linear warmup of the learning rates")
+    p.add("--lr-scheduler", choices=("cosine", "const", "const-cooldown"), default="cosine",
+          help="model learning rate after warmup: cosine decay to 0, constant, or constant then a linear cooldown")
+    p.add("--epochs-cooldown", type=int, default=None,
+          help="const-cooldown: the last N epochs decay linearly to --lr-cooldown-end")
+    p.add("--lr-cooldown-end", type=float, default=0.0, help="const-cooldown: learning rate at the end of the cooldown")
+    p.add("--grad-clip-norm", type=float, default=None,
+          help="clip the gradients' global L2 norm to this value (default: no clipping)")
+    p.add("--precision", choices=PRECISIONS, default="auto",
+          help="auto: fp32 on CPU, amp (bf16 if supported) on GPU; amp*: autocast with fp32 weights; bf16, fp16: "
+               "weights in that type")
 
     # loss
     p.add("--local-loss", action="store_true", help="OpenCLIP: local-batch logits against gathered features")
     p.add("--gather-with-grad", action="store_true", help="OpenCLIP: back-propagate through the all-gather")
     p.add("--fastclip", action="store_true", help="train with a FastCLIP global contrastive objective")
-    p.add("--temperature_scheme", choices=TEMPERATURE_SCHEMES, default="global_learnable")
-    p.add("--multiply_tau", action="store_true", help="FastCLIP-v3 (RGCL-g) loss with a global learnable tau")
-    p.add("--gamma", type=float, default=0.2, help="final inner learning rate of the moving averages u")
-    p.add("--gamma_schedule", choices=("cosine", "constant"), default="cosine")
-    p.add("--gamma_decay_epochs", type=int, default=None, help="epochs until gamma reaches --gamma (default epochs/2)")
-    p.add("--rho", type=float, default=6.5, help="RGCL constraint weight (v2, v3)")
-    p.add("--lr_tau", type=float, default=-1.0, help="temperature learning rate; < 0 means --lr")
-    p.add("--lr_tau_scheduler", choices=("const", "step_thresh", "cosine"), default=None)
-    p.add("--fastclip_eps", type=float, default=1e-14, help="eps in g / (eps + u)")
+    p.add("--temperature_scheme", choices=TEMPERATURE_SCHEMES, default="global_learnable",
+          help="FastCLIP temperature: global_learnable (v0; v3 with --multiply_tau), global_constant (v1), "
+               "individual_learnable (v2: one learnable tau per sample)")
+    p.add("--multiply_tau", action="store_true",
+          help="FastCLIP-v3's RGCL-g loss (with --fastclip --temperature_scheme global_learnable)")
+    p.add("--gamma", type=float, default=0.2,
+          help="FastCLIP: final inner learning rate of the moving averages u, in (0, 1]")
+    p.add("--gamma_schedule", choices=("cosine", "constant"), default="cosine",
+          help="FastCLIP: gamma is 1 in epoch 0, then decays from 1 to --gamma over --gamma_decay_epochs (cosine) or "
+               "is --gamma (constant)")
+    p.add("--gamma_decay_epochs", type=int, default=None,
+          help="FastCLIP: epochs until gamma reaches --gamma (default: --epochs / 2)")
+    p.add("--rho", type=float, default=6.5, help="FastCLIP-v2/v3: weight of the RGCL temperature constraint")
+    p.add("--lr_tau", type=float, default=-1.0, help="FastCLIP: learning rate of the temperature; < 0 means --lr")
+    p.add("--lr_tau_scheduler", choices=("const", "step_thresh", "cosine"), default=None,
+          help="FastCLIP: temperature learning rate schedule; step_thresh divides it by 3 once tau <= 0.03 "
+               "(default: const for individual_learnable, else cosine)")
+    p.add("--fastclip_eps", type=float, default=1e-14, help="FastCLIP: eps in the ratio g / (eps + u)")
 
     # run, logging, checkpoints
-    p.add("--name", type=str, default=None, help="run name: folder under --logs")
+    p.add("--name", type=str, default=None,
+          help="run name: its folder under --logs (default: MODEL-LOSS-bBATCH-lrLR-sSEED)")
     p.add_argument("--logs", "--logs-dir", dest="logs", type=str, default="./logs",
                    help="where run folders go; under torchrun use --logs-dir (torchrun takes --logs as its own)")
-    p.add("--seed", type=int, default=0)
-    p.add("--resume", type=str, default=None, help="checkpoint path, or 'latest' in this run's folder")
+    p.add("--seed", type=int, default=0,
+          help="seed of the initial weights, the data order and the augmentations (>= 0)")
+    p.add("--resume", type=str, default=None,
+          help="continue from (or, with --epochs 0, evaluate) a checkpoint file, or 'latest': the newest good "
+               "checkpoint of this run's folder (none yet: training starts from scratch)")
     p.add("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs (0: never)")
     p.add("--save-most-recent", action="store_true", help="also keep epoch_latest.pt, rewritten every epoch")
     p.add("--delete-previous-checkpoint", action="store_true",
@@ -97,16 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
           help="also save epoch_latest.pt every M minutes of training, mid-epoch (0: off)")
     p.add("--max-bad-steps", type=int, default=20,
           help="stop (exit 77) after N consecutive steps with NaN/inf gradients; such steps are always skipped")
-    p.add("--zeroshot-frequency", type=int, default=2, help="zero-shot evaluation every N epochs")
-    p.add("--val-frequency", type=int, default=1, help="retrieval evaluation every N epochs")
-    p.add("--log-every-n-steps", type=int, default=100)
-    p.add("--report-to", type=str, default="", help="comma list of tensorboard, wandb")
+    p.add("--zeroshot-frequency", type=int, default=2,
+          help="zero-shot evaluation every N epochs, and after the last (0: after the last only)")
+    p.add("--val-frequency", type=int, default=1,
+          help="retrieval evaluation every N epochs, and after the last (0: after the last only)")
+    p.add("--log-every-n-steps", type=int, default=100, help="a progress line (loss, samples/s, ETA) every N steps")
+    p.add("--report-to", type=str, default="",
+          help="also report training metrics to tensorboard and/or wandb (comma-separated); metrics.jsonl is "
+               "always written")
     p.add("--profile", action="store_true", help="time the phases of every step and log them")
+    p.add("--debug", action="store_true", help="full tracebacks instead of one-line errors, and debug log lines")
 
     # distributed
-    p.add("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add("--dist-backend", type=str, default=None, help="default: nccl on GPU, gloo on CPU")
-    p.add("--dist-url", type=str, default="env://")
+    p.add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available, else the CPU")
+    p.add("--dist-backend", type=str, default=None,
+          help="torch.distributed backend (default: nccl on GPU, gloo on CPU)")
+    p.add("--dist-url", type=str, default="env://",
+          help="rendezvous of the process group; env:// reads MASTER_ADDR and MASTER_PORT (127.0.0.1:29500 "
+               "when unset)")
     p.add("--dist-timeout", type=float, default=30.0,
           help="minutes a rank waits for the others in a collective before the run exits (code 76)")
     return p
@@ -123,39 +228,133 @@ def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _is_number(value: object) -> bool:
+    """False for unset flags and for words some numeric flags also take (e.g. 'auto')."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_numbers(args: argparse.Namespace) -> None:
+    """Reject values that make no sense (a batch of 0, negative workers, a learning rate <= 0, NaN, ...)."""
+    for dest, (minimum, meaning) in MINIMUM.items():
+        value = getattr(args, dest, None)
+        if _is_number(value) and not value >= minimum:
+            _fail(f"{_flag(dest)} must be >= {minimum}{meaning}, got {value}")
+    for dest in POSITIVE:
+        value = getattr(args, dest, None)
+        if _is_number(value) and not (value > 0 and math.isfinite(value)):
+            _fail(f"{_flag(dest)} must be a number > 0, got {value}")
+    for dest in ("beta1", "beta2"):
+        value = getattr(args, dest)
+        if value is not None and not 0.0 <= value < 1.0:
+            _fail(f"{_flag(dest)} must be in [0, 1), got {value}")
+    if not math.isfinite(args.temperature) or not 0.0 < args.temperature <= 1.0:
+        _fail(f"--temperature must be in (0, 1], got {args.temperature}")
+
+
+def trains(args: argparse.Namespace) -> bool:
+    """Whether the run trains (it has training data and epochs), rather than only evaluating."""
+    return args.dataset_type != "none" and args.epochs > 0
+
+
+def _validate_task(args: argparse.Namespace) -> None:
+    """A run trains, evaluates or both; say what is missing when it would do neither or evaluate nothing."""
+    if args.dataset_type == "webdataset" and not args.train_data:
+        _fail("--dataset-type webdataset trains on shards: add --train-data SHARDS")
+    if args.dataset_type == "csv" and not args.train_data and args.epochs > 0:
+        _fail("--dataset-type csv trains on a CSV: add --train-data FILE.csv, or --epochs 0 to evaluate only")
+    if args.dataset_type == "synthetic" and not args.train_num_samples:
+        _fail("--dataset-type synthetic needs --train-num-samples N (random pairs per epoch)")
+    if args.zeroshot_classnames and not args.imagenet_val:
+        _fail("--zeroshot-classnames names the classes of --imagenet-val: add --imagenet-val DIR")
+    if trains(args):
+        return
+    if not (args.imagenet_val or args.val_data):
+        if args.epochs > 0:
+            _fail("nothing to do: pass --train-data SHARDS --train-num-samples N to train, or --epochs 0 "
+                  "--resume CHECKPOINT --imagenet-val DIR (and/or --val-data SHARDS) to evaluate; see --help")
+        _fail("--epochs 0 evaluates, but no evaluation is set: add --imagenet-val DIR and/or --val-data SHARDS, "
+              "or train with --epochs N")
+    if args.resume is None and args.pretrained is None:
+        _fail("evaluating without --resume CHECKPOINT or --pretrained TAG would evaluate random weights: pass one")
+
+
+def _validate_fastclip_only(args: argparse.Namespace) -> None:
+    """FastCLIP's flags do nothing in an OpenCLIP run: name the missing --fastclip instead of ignoring them."""
+    if args.multiply_tau:
+        _fail("--multiply_tau selects FastCLIP-v3's loss: add --fastclip (without it the run trains OpenCLIP)")
+    if args.temperature_scheme != "global_learnable":
+        _fail(f"--temperature_scheme {args.temperature_scheme} is a FastCLIP temperature: add --fastclip "
+              "(OpenCLIP learns one global temperature)")
+
+
 def _validate_fastclip(args: argparse.Namespace) -> None:
     if args.gather_with_grad:
         _fail("--fastclip computes its gradient without a collective in backward; drop --gather-with-grad")
     if not 0.0 < args.gamma <= 1.0:
         _fail(f"--gamma must be in (0, 1], got {args.gamma}")
-    if args.multiply_tau and not args.temperature_scheme.startswith("global"):
-        _fail("--multiply_tau (FastCLIP-v3) needs a global temperature scheme, not " + args.temperature_scheme)
+    if args.multiply_tau and args.temperature_scheme != "global_learnable":
+        version = "FastCLIP-v1" if args.temperature_scheme == "global_constant" else "FastCLIP-v2"
+        _fail(f"--multiply_tau (FastCLIP-v3) learns one global temperature: use --temperature_scheme "
+              f"global_learnable, or drop --multiply_tau for {version} (--temperature_scheme "
+              f"{args.temperature_scheme})")
     if args.temperature_scheme == "individual_learnable" and args.lr_tau_scheduler not in (None, "const"):
         _fail("--temperature_scheme individual_learnable updates per-sample temperatures with a constant "
               "--lr_tau: use --lr_tau_scheduler const")
-    if args.data_size is None:
+    if args.data_size is None and args.dataset_type != "csv":  # a CSV's default is its number of rows
         _fail("--fastclip keeps state per sample: pass --data_size, larger than the largest sample key "
               "(img2dataset keys are sparse unless the shard size is a power of ten)")
-    if args.data_size < 1 or (args.train_num_samples and args.data_size < args.train_num_samples):
+    if _is_number(args.train_num_samples) and _is_number(args.data_size) and args.data_size < args.train_num_samples:
         _fail(f"--data_size {args.data_size} is smaller than --train-num-samples {args.train_num_samples}; "
               "it must exceed the largest sample key of the shards")
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill defaults that depend on other flags and reject inconsistent combinations."""
-    for key, value in _model_optimizer_defaults(args.model).items():
+def _default_name(args: argparse.Namespace, model: str) -> str:
+    lr = args.lr if args.lr is not None else _model_optimizer_defaults(model)["lr"]
+    loss = "fastclip" if args.fastclip else "openclip"
+    return "-".join([model.replace("/", "-"), loss, f"b{args.batch_size}", f"lr{lr}", f"s{args.seed}"])
+
+
+def apply_model(args: argparse.Namespace, model: str, source: str) -> argparse.Namespace:
+    """Set the model, where it came from (`source`, for the log), and the defaults that follow it: AdamW's
+    hyperparameters, --lr_tau and the run name."""
+    args.model, args.model_source = model, source
+    for key, value in _model_optimizer_defaults(model).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.lr_tau < 0:
+        args.lr_tau = args.lr
+    if args.name is None:
+        args.name = _default_name(args, model)
+    return args
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults that depend on other flags and reject bad values and inconsistent combinations.
+
+    Without --model, a run that resumes keeps `model` None for `training.main` to take from the
+    checkpoint (with `apply_model`); `--resume latest` then looks in the default model's run folder.
+    """
+    _validate_numbers(args)
+    rebase_relative_paths(args)
+    if args.dataset_type == "auto" and args.train_data and args.train_data.endswith((".csv", ".tsv")):
+        args.dataset_type = "csv"  # as open_clip_train decides
     if args.dataset_type == "auto":
         args.dataset_type = "webdataset" if args.train_data else ("synthetic" if args.train_num_samples else "none")
-    if args.dataset_type == "synthetic" and args.data_size is None and args.train_num_samples:
+    if args.dataset_type == "synthetic" and args.train_num_samples == AUTO:
+        _fail("--train-num-samples auto counts the samples of --train-data; synthetic pairs have no count: give N")
+    if args.dataset_type == "synthetic" and args.data_size in (None, AUTO) and args.train_num_samples:
         args.data_size = args.train_num_samples
     if args.dataset_type == "webdataset" and args.train_data and not args.train_num_samples:
         _fail("--train-data needs --train-num-samples (webdataset shards have no length)")
+    _validate_task(args)
     if args.fastclip:
         _validate_fastclip(args)
-    if args.lr_tau < 0:
-        args.lr_tau = args.lr
+    else:
+        _validate_fastclip_only(args)
     if args.lr_tau_scheduler is None:
         args.lr_tau_scheduler = "const" if args.temperature_scheme == "individual_learnable" else "cosine"
     if args.gamma_decay_epochs is None:
@@ -164,25 +363,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         _fail("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.stop_epochs is None:
         args.stop_epochs = args.epochs
-    if args.name is None:
-        args.name = "-".join(
-            [args.model.replace("/", "-"), "fastclip" if args.fastclip else "openclip", f"b{args.batch_size}",
-             f"lr{args.lr}", f"s{args.seed}"]
-        )
     args.report_to = [r for r in args.report_to.split(",") if r]
-    for flag in ("save_every_n_steps", "save_every_minutes"):
-        if getattr(args, flag) < 0:
-            _fail(f"--{flag.replace('_', '-')} must be >= 0 (0: off), got {getattr(args, flag)}")
-    if args.max_bad_steps < 1:
-        _fail(f"--max-bad-steps must be >= 1, got {args.max_bad_steps}")
-    if not args.dist_timeout > 0:
-        _fail(f"--dist-timeout is in minutes and must be > 0, got {args.dist_timeout}")
-    if not math.isfinite(args.temperature) or not 0.0 < args.temperature <= 1.0:
-        _fail(f"--temperature must be in (0, 1], got {args.temperature}")
+    if args.model is not None:
+        apply_model(args, args.model, "--model")
+    elif args.resume is None:
+        apply_model(args, DEFAULT_MODEL, "the default (no --model)")
+    elif args.name is None and args.resume == "latest":
+        args.name = _default_name(args, DEFAULT_MODEL)
     return args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked and resolved; reads no file and imports nothing heavy (`--help` is fast)."""
     return resolve(build_parser().parse_args(argv))
 
 

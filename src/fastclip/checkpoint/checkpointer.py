@@ -78,6 +78,7 @@ class Checkpointer:
     def __init__(self, checkpoint_dir: Path, parts: StatefulParts) -> None:
         self.dir = checkpoint_dir
         self.parts = parts
+        self.restored: Path | None = None  # the file `restore` loaded, if any
 
     # ------------------------------------------------------------------------------------- saving
 
@@ -207,6 +208,7 @@ class Checkpointer:
         parts.guard.load_state_dict(checkpoint.get("guard", {}))
         progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
         self._restore_rank_state(checkpoint, progress)
+        self.restored = path
         logger.info("resumed from %s at epoch %d, step %d (%d into the epoch)", path, progress.epoch,
                     progress.global_step, progress.step_in_epoch)
         return progress

@@ -1,0 +1,120 @@
+"""The data of a run from its flags: the training loader of this rank, its share of the validation set,
+and the sizes that `auto` and a CSV leave open (`--train-num-samples`, `--data_size`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from fastclip.data.csv import CsvTable
+from fastclip.data.index import ShardIndexError, build_index
+from fastclip.data.loader import (
+    TrainLoader,
+    build_csv_train_loader,
+    build_csv_val_loader,
+    build_train_loader,
+    build_val_loader,
+)
+from fastclip.data.samples import DataError
+from fastclip.datasets.synthetic import build_synthetic_loader
+from fastclip.distributed import DistEnv, control
+from fastclip.models import ModelBundle
+from fastclip.optim import unwrap
+from training.params import AUTO, trains
+
+logger = logging.getLogger("fastclip")
+
+
+@dataclass
+class DataBundle:
+    train: TrainLoader | None  # set_epoch(e), then iterate: exactly len() batches on every rank
+    val: Callable[[], Iterable[dict]] | None  # a fresh pass over this rank's share of the retrieval set
+
+
+def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> DataBundle:
+    """The training loader of this rank (webdataset, csv or synthetic) and its share of the validation set.
+
+    A CSV is read here, once per process; its number of rows is the default of --train-num-samples and
+    --data_size (row numbers are the sample indices)."""
+    pin = env.device.type == "cuda"
+    common = dict(preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer, batch_size=args.batch_size,
+                  seed=args.seed, rank=env.rank, world_size=env.world_size, workers=args.workers, pin_memory=pin)
+    train = None
+    if args.dataset_type == "csv" and args.train_data:
+        table = read_csv(args, args.train_data)
+        for dest in ("train_num_samples", "data_size"):
+            if getattr(args, dest) in (None, AUTO):
+                setattr(args, dest, len(table))
+        logger.info("--train-data %s: %d rows; --train-num-samples %d, --data_size %d", args.train_data, len(table),
+                    args.train_num_samples, args.data_size)
+        train = build_csv_train_loader(table, num_samples=args.train_num_samples, data_size=args.data_size, **common)
+    elif args.dataset_type == "webdataset" and args.train_data:
+        train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
+                                   **common)
+    elif args.dataset_type == "synthetic":
+        size = unwrap(bundle.model).visual.image_size
+        train = build_synthetic_loader(args.train_num_samples, image_size=size if isinstance(size, int) else size[0],
+                                       **common)
+    if not args.val_data:
+        return DataBundle(train, None)
+    val_table = read_csv(args, args.val_data) if args.dataset_type == "csv" else None
+
+    def val() -> Iterable[dict]:
+        shared = dict(workers=args.workers, pin_memory=pin, rank=env.rank, world_size=env.world_size,
+                      limit=args.val_num_samples)
+        if val_table is not None:
+            return build_csv_val_loader(val_table, bundle.preprocess_val, bundle.tokenizer, args.batch_size, **shared)
+        return build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer, args.batch_size, **shared)
+
+    return DataBundle(train, val)
+
+
+def read_csv(args: argparse.Namespace, path: str) -> CsvTable:
+    """The CSV `path` read with the --csv-* flags."""
+    return CsvTable(path, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+
+
+_AUTO_FLAGS = {"train_num_samples": "--train-num-samples", "data_size": "--data_size"}
+
+
+def resolve_auto_sizes(args: argparse.Namespace, env: DistEnv) -> None:
+    """`--train-num-samples auto` / `--data_size auto`: the numbers from the index of the --train-data shards.
+
+    Only rank 0 reads the index (its cache, or the shards' .json members where the cache is stale), so
+    nothing proportional to the data set runs on every rank; the others receive the numbers or the error.
+    """
+    wanted = [dest for dest in _AUTO_FLAGS if getattr(args, dest) == AUTO]
+    if not wanted or args.dataset_type != "webdataset" or not trains(args):
+        return
+    found = control.broadcast_from_master(_indexed_sizes(args) if env.is_master else None)
+    if isinstance(found, str):
+        raise SystemExit(found)
+    for dest in wanted:
+        setattr(args, dest, found[dest])
+    logger.info("from the index of --train-data: %s", ", ".join(f"{_AUTO_FLAGS[d]} {found[d]}" for d in wanted))
+
+
+def _indexed_sizes(args: argparse.Namespace) -> dict[str, int] | str:
+    """Rank 0: the sample count and data_size of --train-data, or the one-line error every rank raises."""
+    try:
+        report = build_index(args.train_data)
+    except (DataError, ShardIndexError) as error:
+        return f"error: --train-data: {error}"
+    for note in report.notes:
+        logger.info("index: %s", note)
+    logger.info("--train-data: %d shards (%d read now, the others from the index cache), %d samples, keys %s..%s, "
+                "%d of [0, %d) unused (%.1f%%), %d duplicate keys, %d samples without a key", report.shards,
+                report.scanned, report.samples, report.min_key, report.max_key, report.missing_keys,
+                report.data_size, 100 * report.missing_fraction, report.duplicates, report.without_key)
+    if report.samples == 0:
+        return f"error: the --train-data shards {args.train_data!r} hold no sample: nothing to count for auto"
+    if args.data_size == AUTO and report.without_key:
+        return (f"error: --data_size auto: {report.without_key} samples of --train-data have no integer 'key' in "
+                "their .json, and FastCLIP keeps state per key: rewrite those shards with img2dataset's .json "
+                "(python -m fastclip.data.index shows the counts)")
+    if report.duplicates:
+        logger.warning("%d samples of --train-data share their key with another (e.g. %s): such samples share "
+                       "one row of FastCLIP's per-sample state", report.duplicates, report.duplicate_examples[:2])
+    return {"train_num_samples": report.samples, "data_size": report.data_size}

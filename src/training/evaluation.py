@@ -1,0 +1,59 @@
+"""The evaluations of a run, due by epoch and flags, split over the ranks, recorded in results.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from fastclip import evaluate
+from fastclip.distributed import DistEnv
+from fastclip.models import ModelBundle
+from fastclip.optim import unwrap
+from fastclip.precision import Precision
+from fastclip.progress import Progress
+from training.data_setup import DataBundle
+
+logger = logging.getLogger("fastclip")
+
+
+def run_evaluations(
+    args: argparse.Namespace,
+    env: DistEnv,
+    model: torch.nn.Module,
+    bundle: ModelBundle,
+    data: DataBundle,
+    progress: Progress,
+    checkpoint: Path | None,
+    run_dir: Path,
+    precision: Precision,
+    final: bool = True,
+) -> dict:
+    """Zero-shot and retrieval evaluations due after `progress.epoch`, split over the ranks: every rank
+    calls this and gets the metrics. Rank 0 appends them to results.jsonl with the run, model, the
+    checkpoint file holding the evaluated weights (None: no file does), epoch, global step and time."""
+    epoch = progress.epoch
+    metrics: dict = {}
+    due_zeroshot = args.imagenet_val and (final or (args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0))
+    due_val = data.val is not None and (final or (args.val_frequency and epoch % args.val_frequency == 0))
+    bare = unwrap(model)
+    if due_zeroshot:
+        metrics.update(evaluate.zero_shot_eval(
+            bare, args.imagenet_val, bundle.preprocess_val, bundle.tokenizer, env.device,
+            batch_size=args.batch_size, workers=args.workers, precision=precision, classnames_file=args.zeroshot_classnames,
+        ))
+    if due_val:
+        metrics.update(evaluate.retrieval_eval(bare, data.val(), env.device, batch_size=args.batch_size,
+                                               precision=precision, num_samples=args.val_num_samples))
+    if metrics and env.is_master:
+        record = {"name": args.name, "model": args.model,
+                  "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()), "epoch": epoch,
+                  "step": progress.global_step, "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                  **metrics}
+        evaluate.append_results(run_dir / "results.jsonl", record)
+        shown = " ".join(f"{k}: {v if isinstance(v, int) else round(v, 4)}" for k, v in metrics.items())
+        logger.info("Eval Epoch: %d %s", epoch, shown)
+    return metrics

@@ -1,0 +1,44 @@
+"""A set-up run from start to end: one restore, then the epoch loop with its checkpoints and evaluations."""
+
+from __future__ import annotations
+
+import logging
+
+from fastclip.checkpoint import files
+from fastclip.optim import unwrap
+from fastclip.progress import Progress
+from training.builders import Run, resume_candidates, seed_everything
+
+logger = logging.getLogger("fastclip")
+
+
+def train_and_evaluate(run: Run) -> dict:
+    """Set-up is done: one restore, then the epoch loop with its checkpoints and evaluations."""
+    args, env = run.args, run.env
+    candidates, explicit = resume_candidates(args, run.run_dir)
+    if run.trainer is None:  # evaluation only: the weights of the checkpoint, nothing else
+        loaded = files.load_first_good(candidates, explicit)
+        if loaded is None:
+            return run.evaluate(Progress(), None)
+        path, checkpoint = loaded
+        unwrap(run.model).load_state_dict(files.model_state(checkpoint))
+        logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
+        return run.evaluate(Progress(epoch=int(checkpoint["epoch"]), global_step=int(checkpoint["step"])), path)
+    progress = run.checkpointer.restore(candidates, explicit)
+    if progress.epoch >= args.stop_epochs:
+        logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,
+                    args.stop_epochs)
+        return run.evaluate(progress, run.checkpointer.restored)
+    metrics: dict = {}
+    steps_per_epoch = len(run.data.train)
+    for epoch in range(progress.epoch, args.stop_epochs):
+        if progress.step_in_epoch == 0:  # a resumed epoch restored its RNG states and data position
+            seed_everything(args.seed + env.rank + 7919 * epoch)
+            run.data.train.set_epoch(epoch)
+        if not run.trainer.train_epoch(run.data.train, progress, steps_per_epoch, steps_per_epoch * args.epochs,
+                                       run.control):
+            raise run.control.stop(progress)
+        progress.finish_epoch()
+        checkpoint = run.control.end_epoch(progress)
+        metrics = run.evaluate(progress, checkpoint, final=progress.epoch == args.stop_epochs) or metrics
+    return metrics

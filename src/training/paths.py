@@ -1,0 +1,51 @@
+"""Relative path flags under both launch conventions of the seed's commands.
+
+`srun python -u src/training/main.py` runs from the project root, `cd src && torchrun -m training.main`
+from its `src/` folder, with the same flags (`./datasets/...`, `./logs/...`). Run from this project's own
+`src/` folder, relative paths therefore mean the project root; from anywhere else they mean the working
+directory, as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import training
+
+PATH_FLAGS = ("train_data", "val_data", "logs", "resume", "imagenet_val", "zeroshot_classnames")
+SHARD_LIST_SEPARATOR = "::"
+NOT_A_PATH = {"resume": ("latest",)}
+
+
+def project_root_if_in_src(cwd: Path | None = None) -> Path | None:
+    """The project root when `cwd` is the `src/` folder holding the imported `training` package and
+    the folder above it is the project (it has setup.py); None otherwise."""
+    src = Path(training.__file__).resolve().parent.parent
+    here = (cwd or Path.cwd()).resolve()
+    if here == src and (src.parent / "setup.py").is_file():
+        return src.parent
+    return None
+
+
+def _rebase(path: str, root: Path) -> str:
+    """`path` against `root` when it is a local relative path; absolute paths and URLs unchanged."""
+    if not path or "://" in path or path.startswith("pipe:") or Path(path).is_absolute():
+        return path
+    return str(root / path)
+
+
+def rebase_relative_paths(args: argparse.Namespace, cwd: Path | None = None) -> argparse.Namespace:
+    """Resolve the path flags against the project root when run from its `src/` folder, and record the
+    base in `args.paths_relative_to` (None when paths keep their usual meaning)."""
+    root = project_root_if_in_src(cwd)
+    args.paths_relative_to = str(root) if root is not None else None
+    if root is None:
+        return args
+    for flag in PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if value is None or value in NOT_A_PATH.get(flag, ()):
+            continue
+        parts = value.split(SHARD_LIST_SEPARATOR)
+        setattr(args, flag, SHARD_LIST_SEPARATOR.join(_rebase(part, root) for part in parts))
+    return args
