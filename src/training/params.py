@@ -349,7 +349,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_type == "synthetic" and args.data_size in (None, AUTO) and args.train_num_samples:
         args.data_size = args.train_num_samples
     if args.dataset_type == "webdataset" and args.train_data and not args.train_num_samples:
-        _fail("--train-data needs --train-num-samples (webdataset shards have no length)")
+        _fail("--train-data needs --train-num-samples: N, or auto to count the shards once "
+              "(python -m fastclip.data.index)")
     _validate_task(args)
     if args.fastclip:
         _validate_fastclip(args)
