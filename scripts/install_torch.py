@@ -28,7 +28,10 @@ def has_nvidia_gpu() -> bool:
     """An NVIDIA driver that lists at least one GPU."""
     if shutil.which("nvidia-smi") is None:
         return False
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:  # a hung driver: no GPU this install can use
+        return False
     return result.returncode == 0 and "GPU" in result.stdout
 
 
@@ -61,7 +64,7 @@ def main() -> int:
               "build (with CUDA libraries, ~6 GB) will be installed. It runs on the CPU all the same.")
         return 0
     print(f"install_torch: no GPU: installing the CPU-only torch build from {args.index}")
-    # the CPU index also serves torch's own dependencies; pip's configured indexes still apply
+    # --index-url replaces pip's index: the CPU index serves torch's dependencies too
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--index-url", args.index, *torch_requirements()]
     return subprocess.call(command)
 

@@ -263,7 +263,7 @@ def test_two_ranks_resolve_auto_from_rank_0s_index(tmp_path):
     assert [r["calls"] for r in ranks] == [2, 0]  # only rank 0 reads the index
     for record in ranks:
         assert (record["train_num_samples"], record["data_size"]) == (expected["samples"], expected["data_size"])
-        assert record["error"].startswith("error: --data_size auto: 1 samples of --train-data have no integer 'key'")
+        assert record["error"].startswith("error: --data_size auto: 1 samples of --train-data have no non-negative integer 'key'")
 
 
 def test_auto_flags_parse_and_synthetic_data_has_no_count():

@@ -87,6 +87,13 @@ def test_relative_paths_mean_the_project_root_only_from_its_src_folder(tmp_path)
     assert (elsewhere.train_data, elsewhere.logs, elsewhere.paths_relative_to) == (argv[1], "./logs", None)
 
 
+def test_home_and_parent_paths_keep_their_meaning_from_src():
+    argv = ["--train-data", "~/cc3m/{0..3}.tar::../datasets/{0..1}.tar::s3://bucket/{0..1}.tar",
+            "--train-num-samples", "10", "--logs-dir", "~/runs", "--model", "ViT-Tiny-32px"]
+    from_src = rebase_relative_paths(parse_args(argv), cwd=ROOT / "src")
+    assert (from_src.train_data, from_src.logs) == (argv[1], "~/runs")
+
+
 # ------------------------------------------------------------------------------------------- summary
 
 

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import open_clip
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
@@ -81,21 +80,6 @@ def rank_share(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def gather_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows joined in rank order on every rank; ranks may hold different numbers of rows
-    (padded in transit). A rank without rows may pass a (0, 0) tensor: the others give the row shape."""
-    if comm.world_size() == 1:
-        return rows
-    shapes = comm.all_gather_no_grad(torch.tensor([list(rows.shape)], device=rows.device)).tolist()
-    padded_shape = [max(column) for column in zip(*shapes)]
-    padded = rows.new_zeros(padded_shape)
-    if len(rows):
-        padded[: len(rows)] = rows
-    gathered = comm.all_gather_no_grad(padded)
-    block = padded_shape[0]
-    return torch.cat([gathered[r * block : r * block + shape[0]] for r, shape in enumerate(shapes)])
-
-
 def zero_shot_eval(
     model: torch.nn.Module,
     folder: str | Path,
@@ -149,7 +133,7 @@ def _zero_shot_classifier(
                 model, tokenizer=tokenizer, classnames=classnames[block.start : block.stop], templates=templates,
                 device=device, use_tqdm=_show_progress(),
             ).float().T
-    return gather_rows(mine).T
+    return comm.gather_rows(mine).T
 
 
 def _count_correct(
@@ -171,9 +155,7 @@ def _count_correct(
                 features = model.encode_image(images, normalize=True)
             hits = (features.float() @ classifier).topk(k, dim=1).indices == targets.view(-1, 1)
             counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
-        if comm.world_size() > 1:
-            dist.all_reduce(counts)
-        top1, topk = counts.tolist()
+        top1, topk = comm.all_reduce_sum(counts).tolist()
     return top1, topk
 
 
@@ -191,7 +173,7 @@ def retrieval_eval(
     order, as one process reading the set in batches of that size sees them; pair i's match is pair i.
 
     `loader` yields this rank's share of the set (`embed_pairs`); `num_samples` keeps the first pairs.
-    The ranks split the query rows and the loss blocks between them.
+    The ranks split the query rows between them.
     """
     model = unwrap(model)
     image_features, text_features = embed_pairs(model, loader, device, precision=precision, num_samples=num_samples)
@@ -218,8 +200,9 @@ def embed_pairs(
     Each rank embeds what its loader yields, batches carrying each pair's place in the set as 'order'
     (`build_val_loader`'s); the features of all ranks are gathered and sorted by it, so the result does
     not depend on how the set was split. Every rank holds all N x D features on `device`: the recall
-    computation needs them. With `num_samples`, the first pairs in set order (which ones come first is
-    known once every rank's share is gathered; a loader built with `limit` reads little more than them).
+    computation needs them. With `num_samples`, the first pairs in set order: the orders are gathered
+    first, and only the features of those pairs (a loader built with `limit` reads at most that many
+    per worker slot).
     """
     model, device = unwrap(model), torch.device(device)
     precision = _resolve(precision, device)
@@ -233,14 +216,18 @@ def embed_pairs(
                 images_out.append(model.encode_image(images, normalize=True).float())
                 texts_out.append(model.encode_text(texts, normalize=True).float())
             orders.append(batch["order"].to(device=device, non_blocking=True))
-        order = gather_rows(_joined(orders, torch.empty(0, dtype=torch.int64, device=device)))
+        local_order = _joined(orders, torch.empty(0, dtype=torch.int64, device=device))
+        order = comm.gather_rows(local_order)
         if len(order) == 0:
             raise ValueError("the validation loader yielded no pairs on any rank")
-        keep = order.argsort(stable=True)[:num_samples]
+        wanted = len(order) if num_samples is None else min(num_samples, len(order))
+        cutoff = order.kthvalue(wanted).values  # orders are unique: the first `wanted` pairs are those <= it
         empty = torch.empty(0, 0, device=device)
-        image_features = gather_rows(_joined(images_out, empty))[keep]
-        text_features = gather_rows(_joined(texts_out, empty))[keep]
-    return image_features, text_features
+        local = _joined([torch.cat(pair, dim=1) for pair in zip(images_out, texts_out)], empty)
+        features = comm.gather_rows(local[local_order <= cutoff])  # only the kept rows travel
+        features = features[order[order <= cutoff].argsort()]
+        width = features.shape[1] // 2
+    return features[:, :width], features[:, width:]
 
 
 def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
@@ -250,7 +237,7 @@ def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
 def _split_ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """`ground_truth_ranks` of every query; each rank scores a block of the query rows."""
     rows = rank_share(len(queries), comm.rank(), comm.world_size())
-    return gather_rows(ground_truth_ranks(queries[rows.start : rows.stop], keys, first=rows.start))
+    return comm.gather_rows(ground_truth_ranks(queries[rows.start : rows.stop], keys, first=rows.start))
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -263,16 +250,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                         batch_size: int) -> float:
     """Sample-weighted mean `clip_loss` of consecutive blocks of `batch_size` pairs (the last may be
-    short). Ranks share the blocks; the per-block values are gathered and summed in block order, so the
-    sum is the same however many ranks computed it."""
-    starts = range(0, len(image_features), batch_size)
-    block = rank_share(len(starts), comm.rank(), comm.world_size())
-    mine = starts[block.start : block.stop]
-    weighted = torch.zeros(len(mine), dtype=torch.float64, device=image_features.device)
-    for i, start in enumerate(mine):
+    short), as one process reading the set in batches of that size sees them. Every rank computes it
+    whole: it costs a batch's width per pair, nothing next to the recall ranks."""
+    total = torch.zeros((), dtype=torch.float64, device=image_features.device)
+    for start in range(0, len(image_features), batch_size):
         images, texts = image_features[start : start + batch_size], text_features[start : start + batch_size]
-        weighted[i] = clip_loss(images, texts, logit_scale).double() * len(images)
-    return float(gather_rows(weighted).sum()) / len(image_features)
+        total += clip_loss(images, texts, logit_scale).double() * len(images)
+    return float(total) / len(image_features)
 
 
 def ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor, first: int = 0, chunk: int = 1024) -> torch.Tensor:

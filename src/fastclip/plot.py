@@ -122,9 +122,9 @@ class Timeline:
         for row in train:
             if isinstance(row.get("epoch"), (int, float)) and row["epoch"] < finished:
                 anchors[row["epoch"] + 1.0] = float(row["step"])  # rows are in step order: the last one wins
-        for row in evals:
+        for row in evals:  # training's own epoch ends win: a mid-epoch checkpoint's evaluation is not one
             if isinstance(row.get("step"), (int, float)):
-                anchors[float(row["epoch"])] = float(row["step"])
+                anchors.setdefault(float(row["epoch"]), float(row["step"]))
         epochs = sorted(anchors)
         return cls([anchors[e] for e in epochs], epochs, _steps_per_epoch_from_flags(train, params))
 

@@ -87,7 +87,8 @@ class RunControl:
     def end_epoch(self, progress: Progress) -> Path | None:
         """Epoch-end checkpoints: epoch_N.pt when due, epoch_latest.pt with --save-most-recent; a
         mid-epoch epoch_latest.pt is removed once a newer checkpoint is complete. Returns the file that
-        holds this epoch's weights (epoch_N.pt first: it stays), None when none was written."""
+        holds this epoch's weights now (epoch_N.pt first; a later save may replace epoch_latest.pt, and
+        --delete-previous-checkpoint removes epoch_N.pt), None when none was written."""
         policy, epoch = self.policy, progress.epoch
         numbered = policy.every_n_epochs > 0 and (epoch % policy.every_n_epochs == 0 or epoch == policy.final_epoch)
         checkpoint_dir = self.checkpointer.dir

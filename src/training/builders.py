@@ -172,7 +172,6 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
         logger.info("took over the lock of %s, which no longer runs", previous_holder)
     resolve_auto_sizes(args, env)
     if env.is_master:
-        save_params(args, run_dir)
         removed = files.remove_leftovers(run_dir / "checkpoints")
         if removed:
             logger.info("removed %d leftovers of interrupted saves (e.g. %s)", len(removed), removed[0].name)
@@ -185,7 +184,9 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype, args.pretrained,
                          args.grad_checkpointing)
-    data = build_data(args, env, bundle)
+    data = build_data(args, env, bundle)  # fills the sizes a CSV leaves open
+    if env.is_master:
+        save_params(args, run_dir)
     if not trains(args) or data.train is None:
         log_startup_summary(args, env, run_dir, bundle, precision, 0, None, cpu_threads)
         return Run(args, env, run_dir, bundle, precision, data, None, None, None, stack)

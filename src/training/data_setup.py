@@ -18,6 +18,7 @@ from fastclip.data.loader import (
     build_val_loader,
 )
 from fastclip.data.samples import DataError
+from fastclip.data.shards import expand_shards, local_path
 from fastclip.datasets.synthetic import build_synthetic_loader
 from fastclip.distributed import DistEnv, control
 from fastclip.models import ModelBundle
@@ -99,6 +100,11 @@ def resolve_auto_sizes(args: argparse.Namespace, env: DistEnv) -> None:
 def _indexed_sizes(args: argparse.Namespace) -> dict[str, int] | str:
     """Rank 0: the sample count and data_size of --train-data, or the one-line error every rank raises."""
     try:
+        remote = [url for url in expand_shards(args.train_data) if local_path(url) is None]
+        if remote:
+            return (f"error: auto sizes need local shards, and {remote[0]} is remote (it would be read whole at "
+                    "every start while the other ranks wait): run python -m fastclip.data.index on it once and "
+                    "pass the --train-num-samples and --data_size it prints")
         report = build_index(args.train_data)
     except (DataError, ShardIndexError) as error:
         return f"error: --train-data: {error}"
@@ -111,8 +117,9 @@ def _indexed_sizes(args: argparse.Namespace) -> dict[str, int] | str:
     if report.samples == 0:
         return f"error: the --train-data shards {args.train_data!r} hold no sample: nothing to count for auto"
     if args.data_size == AUTO and report.without_key:
-        return (f"error: --data_size auto: {report.without_key} samples of --train-data have no integer 'key' in "
-                "their .json, and FastCLIP keeps state per key: rewrite those shards with img2dataset's .json "
+        return (f"error: --data_size auto: {report.without_key} samples of --train-data have no non-negative "
+                "integer 'key' in their .json, and FastCLIP keeps state per key: rewrite those shards with "
+                "img2dataset's .json "
                 "(python -m fastclip.data.index shows the counts)")
     if report.duplicates:
         logger.warning("%d samples of --train-data share their key with another (e.g. %s): such samples share "

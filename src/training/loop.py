@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastclip.checkpoint import files
+from fastclip.distributed import control
 from fastclip.optim import unwrap
 from fastclip.progress import Progress
 from training.builders import Run, resume_candidates, seed_everything
@@ -17,18 +18,18 @@ def train_and_evaluate(run: Run) -> dict:
     args, env = run.args, run.env
     candidates, explicit = resume_candidates(args, run.run_dir)
     if run.trainer is None:  # evaluation only: the weights of the checkpoint, nothing else
-        loaded = files.load_first_good(candidates, explicit)
+        loaded = files.load_first_good(candidates, explicit, agree=control.first_error)  # the same on every rank
         if loaded is None:
             return run.evaluate(Progress(), None)
         path, checkpoint = loaded
         unwrap(run.model).load_state_dict(files.model_state(checkpoint))
         logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
         return run.evaluate(Progress(epoch=int(checkpoint["epoch"]), global_step=int(checkpoint["step"])), path)
-    progress = run.checkpointer.restore(candidates, explicit)
+    progress, restored = run.checkpointer.restore(candidates, explicit)
     if progress.epoch >= args.stop_epochs:
         logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,
                     args.stop_epochs)
-        return run.evaluate(progress, run.checkpointer.restored)
+        return run.evaluate(progress, restored)
     metrics: dict = {}
     steps_per_epoch = len(run.data.train)
     for epoch in range(progress.epoch, args.stop_epochs):

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from fastclip.summary import version_name
 from training.paths import rebase_relative_paths
 
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
@@ -297,7 +298,7 @@ def _validate_fastclip(args: argparse.Namespace) -> None:
     if not 0.0 < args.gamma <= 1.0:
         _fail(f"--gamma must be in (0, 1], got {args.gamma}")
     if args.multiply_tau and args.temperature_scheme != "global_learnable":
-        version = "FastCLIP-v1" if args.temperature_scheme == "global_constant" else "FastCLIP-v2"
+        version = version_name(True, args.temperature_scheme, multiply_tau=False)
         _fail(f"--multiply_tau (FastCLIP-v3) learns one global temperature: use --temperature_scheme "
               f"global_learnable, or drop --multiply_tau for {version} (--temperature_scheme "
               f"{args.temperature_scheme})")

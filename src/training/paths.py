@@ -29,8 +29,11 @@ def project_root_if_in_src(cwd: Path | None = None) -> Path | None:
 
 
 def _rebase(path: str, root: Path) -> str:
-    """`path` against `root` when it is a local relative path; absolute paths and URLs unchanged."""
-    if not path or "://" in path or path.startswith("pipe:") or Path(path).is_absolute():
+    """`path` against `root` when it is a local path relative to the project (`./x`, `x`); absolute
+    paths, `~` paths, URLs and `../x` (already written from `src/`) keep their meaning."""
+    if not path or "://" in path or path.startswith("pipe:") or path.startswith(".."):
+        return path
+    if Path(path).expanduser().is_absolute():
         return path
     return str(root / path)
 

@@ -15,10 +15,10 @@ import argparse
 import difflib
 from pathlib import Path
 
-import braceexpand
 
 from fastclip.checkpoint import files
-from fastclip.data.shards import local_path
+from fastclip.data.samples import DataError
+from fastclip.data.shards import expand_shards
 from training.params import DEFAULT_MODEL, apply_model, trains
 
 HF_HUB = "hf-hub:"
@@ -55,21 +55,15 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def _check_shards(flag: str, spec: str) -> None:
-    for pattern in spec.split("::"):
-        if not any(_shard_present(url) for url in braceexpand.braceexpand(pattern)):
-            _fail(f"{flag}: no file matches {pattern!r} (relative paths start in {Path.cwd()}): fix the path or "
-                  "the brace range, e.g. 'data/train/{00000..00331}.tar'; join several patterns with '::'")
+    try:
+        expand_shards(spec)
+    except DataError as error:
+        _fail(f"{flag}: {error}")
 
 
 def _check_csv(flag: str, path: str) -> None:
     if not Path(path).expanduser().is_file():
         _fail(f"{flag} {path}: no such CSV file (relative paths start in {Path.cwd()}): fix the path")
-
-
-def _shard_present(url: str) -> bool:
-    """A local shard exists; a remote or pipe: URL is webdataset's to open, so it counts as present."""
-    path = local_path(url)
-    return path is None or path.is_file()
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:

@@ -78,7 +78,6 @@ class Checkpointer:
     def __init__(self, checkpoint_dir: Path, parts: StatefulParts) -> None:
         self.dir = checkpoint_dir
         self.parts = parts
-        self.restored: Path | None = None  # the file `restore` loaded, if any
 
     # ------------------------------------------------------------------------------------- saving
 
@@ -155,35 +154,28 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------- restoring
 
-    def restore(self, candidates: list[Path], explicit: bool) -> Progress:
-        """Load the first candidate every rank can read (collective); a fresh Progress when none given.
+    def restore(self, candidates: list[Path], explicit: bool) -> tuple[Progress, Path | None]:
+        """Load the first candidate every rank can read (collective): the progress it holds and its
+        path; a fresh Progress and None when none is given.
 
         `explicit` (a --resume PATH): a bad file is an error. Otherwise (--resume latest) a bad file
         is skipped with a warning naming it, and the next newest is tried.
         """
-        problems = []
-        for path in candidates:
-            checkpoint, error = self._read(path)
-            error = control.first_error(error)
-            if error is None:
-                return self._apply(path, checkpoint)
-            if explicit:
-                raise files.CheckpointError(error)
-            logger.warning("--resume latest: skipping a bad checkpoint: %s", error)
-            problems.append(error)
-        if problems:
-            raise files.CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(problems))
-        return Progress()
+        found = files.load_first_good(candidates, explicit, self._read, control.first_error)
+        if found is None:
+            return Progress(), None
+        path, checkpoint = found
+        return self._apply(path, checkpoint), path
 
-    def _read(self, path: Path) -> tuple[dict | None, str | None]:
+    def _read(self, path: Path) -> dict:
         """This rank's part of a checkpoint, verified: the .pt, and its rows of the per-sample state."""
-        try:
-            checkpoint = files.load(path)
-            if self.parts.objective.per_sample is not None:
+        checkpoint = files.load(path)
+        if self.parts.objective.per_sample is not None:
+            try:
                 self._read_per_sample(path, checkpoint)
-        except (files.CheckpointError, sharded.StateFileError) as err:
-            return None, str(err)
-        return checkpoint, None
+            except sharded.StateFileError as err:
+                raise files.CheckpointError(str(err)) from err
+        return checkpoint
 
     def _read_per_sample(self, path: Path, checkpoint: dict) -> None:
         per_sample = self.parts.objective.per_sample
@@ -208,7 +200,6 @@ class Checkpointer:
         parts.guard.load_state_dict(checkpoint.get("guard", {}))
         progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
         self._restore_rank_state(checkpoint, progress)
-        self.restored = path
         logger.info("resumed from %s at epoch %d, step %d (%d into the epoch)", path, progress.epoch,
                     progress.global_step, progress.step_in_epoch)
         return progress

@@ -128,18 +128,30 @@ def non_finite_tensors(state_dict: dict) -> list[str]:
             if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
-def load_first_good(candidates: list[Path], explicit: bool) -> tuple[Path, dict] | None:
-    """The first candidate that loads; with `explicit` (a path the user named) a bad one is an error,
-    otherwise it is skipped with a warning naming it."""
+def load_first_good(candidates: list[Path], explicit: bool, read: Callable[[Path], dict] | None = None,
+                    agree: Callable[[str | None], str | None] | None = None) -> tuple[Path, dict] | None:
+    """The first candidate that `read` (default: `load`) loads; with `explicit` (a path the user named) a
+    bad one is an error, otherwise it is skipped with a warning naming it.
+
+    `agree` joins the ranks' outcomes (e.g. `control.first_error`), so that every rank takes the same
+    file, or raises the same error, even when one rank cannot read what the others can.
+    """
+    problems = []
     for path in candidates:
         try:
-            return path, load(path)
-        except CheckpointError as error:
-            if explicit:
-                raise
-            logger.warning("--resume latest: skipping a bad checkpoint: %s", error)
-    if candidates:
-        raise CheckpointError(f"no usable checkpoint among {', '.join(str(p) for p in candidates)}")
+            checkpoint, error = (read or load)(path), None
+        except CheckpointError as err:
+            checkpoint, error = None, str(err)
+        if agree is not None:
+            error = agree(error)
+        if error is None:
+            return path, checkpoint
+        if explicit:
+            raise CheckpointError(error)
+        logger.warning("--resume latest: skipping a bad checkpoint: %s", error)
+        problems.append(error)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {candidates[0].parent}: " + "; ".join(problems))
     return None
 
 

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from ..checkpoint.files import unique_tmp
 from .samples import DataError, error_text, sample_index
 from .shards import expand_shards, local_path
 
@@ -246,7 +247,7 @@ def _write_entries(file: Path, entries: dict[str, dict]) -> None:
     """Merge `entries` into the file (another process may have added shards meanwhile), atomically."""
     merged = {**_read_entries(file), **entries}
     file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+    partial = unique_tmp(file)  # host and pid: several hosts may index one shared folder
     try:
         partial.write_text(json.dumps({"format": CACHE_FORMAT, "shards": merged}, separators=(",", ":")))
         os.replace(partial, file)
@@ -402,11 +403,13 @@ def build_index(pattern: str | Sequence[str], workers: int | None = None, refres
     todo = [url for url, summary in summaries.items() if summary is None]
     fresh: dict[str, ShardSummary] = {}
     streamed = 0
-    for url, (summary, was_streamed) in zip(todo, _parallel(_scan, todo, workers, "indexing shards")):
-        fresh[url] = summary
-        streamed += was_streamed
+    try:
+        for url, (summary, was_streamed) in zip(todo, _parallel(_scan, todo, workers, "indexing shards")):
+            fresh[url] = summary
+            streamed += was_streamed
+    finally:  # what was read is kept even when a later shard fails or the scan is interrupted
+        cache.put(fresh)
     summaries.update(fresh)
-    cache.put(fresh)
     notes = list(cache.notes)
     remote = sum(local_path(url) is None for url in urls)
     if remote:

@@ -228,8 +228,9 @@ class ShardTrainDataset(SlotDataset):
 class ShardValDataset(IterableDataset):
     """Every sample once over all ranks and workers: the worker slots split the shards (and a shard's
     samples when there are fewer shards than slots) as in training; batches carry each sample's 'order'.
-    With `limit`, only the first `limit` samples of each of the first `limit` shards are read: all that
-    the first `limit` pairs of the set can come from (unless samples among them fail to decode)."""
+    With `limit`, a worker slot yields at most `limit` samples, none past the first `limit` of a shard nor
+    from a shard past the first `limit`: all that the first `limit` pairs of the set can come from (unless
+    samples among them fail to decode), at most `limit` per slot."""
 
     def __init__(self, shards: Sequence[str], preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
                  data_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None) -> None:
@@ -252,7 +253,7 @@ class ShardValDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skips = SkipLog()
         samples = self._samples(self.rank * workers + worker, self.world_size * workers, skips)
-        for batch in chunks(samples, self.batch_size):
+        for batch in chunks(itertools.islice(samples, self.limit), self.batch_size):
             orders, chunk = zip(*batch)
             yield {**collate(chunk, self.preprocess, self.tokenizer, skips.take()),
                    "order": torch.tensor(orders, dtype=torch.int64)}

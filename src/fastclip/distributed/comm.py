@@ -81,3 +81,26 @@ def gather_to_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(piece.reshape(gathered.shape[0], *t.shape[1:]))
         col += width
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over ranks, in place (unchanged at world size 1)."""
+    if world_size() > 1:
+        _count("all_reduce", tensor)
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows joined in rank order on every rank; ranks may hold different numbers of rows
+    (padded in transit). A rank without rows may pass a (0, 0) tensor: the others give the row shape."""
+    if world_size() == 1:
+        return rows
+    shapes = all_gather_no_grad(torch.tensor([list(rows.shape)], device=rows.device)).tolist()
+    padded_shape = [max(column) for column in zip(*shapes)]
+    padded = rows.new_zeros(padded_shape)
+    if len(rows):
+        padded[: len(rows)] = rows
+    gathered = all_gather_no_grad(padded)
+    block = padded_shape[0]
+    return torch.cat([gathered[r * block : r * block + shape[0]] for r, shape in enumerate(shapes)])
