@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tarfile
@@ -326,7 +327,9 @@ def _parallel(function: Callable[[T], R], items: Sequence[T], workers: int, desc
                 yield function(item)
                 bar.update()
             return
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(items)))
+        # spawned, not forked: the caller may be a rank whose process group runs threads (gloo, NCCL)
+        spawned = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=spawned)
         try:
             for result in pool.map(function, items, chunksize=max(1, min(64, len(items) // (8 * workers)))):
                 yield result
