@@ -135,9 +135,10 @@ def fast_forward(items: Iterator[T], count: int, skips: SkipLog, where: str) -> 
 class SlotDataset(IterableDataset):
     """Training batches built inside a DataLoader worker from the sample stream of its global slot.
 
-    Subclasses define `stream`; `epoch` is read when a loader starts its workers, so setting it between
-    epochs is enough. Batches carry their 'slot' and 'position' (the slot's `SlotPosition` after them)
-    for `TrainLoader`, which strips them; `starting_at` gives the copy that continues from positions.
+    Subclasses define `pass_samples`, one pass over a slot's share; `stream` chains the passes. `epoch`
+    is read when a loader starts its workers, so setting it between epochs is enough. Batches carry
+    their 'slot' and 'position' (the slot's `SlotPosition` after them) for `TrainLoader`, which strips
+    them; `starting_at` gives the copy that continues from positions.
     """
 
     def __init__(
@@ -153,10 +154,30 @@ class SlotDataset(IterableDataset):
         self.start: tuple[SlotPosition, ...] = ()  # per local slot; empty: the start of the epoch
         self.rotation = 0  # DataLoader worker w serves local slot (w + rotation) % workers
 
+    def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
+                     skips: SkipLog) -> Iterator[Sample | None]:
+        """The items of a slot's share of one pass after the first `offset` (skipped unread where the
+        source allows), decoded: None for an unusable one."""
+        raise NotImplementedError
+
+    def nothing_usable(self, slot: int, num_slots: int, passes: int) -> str:
+        """The error when a slot's share yields no usable sample pass after pass (instead of waiting forever)."""
+        return f"worker slot {slot} of {num_slots} found no usable sample in {passes} passes"
+
     def stream(self, slot: int, num_slots: int, skips: SkipLog,
                start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
         """(pass, items taken from the pass so far, sample) of a slot, continuing after `start`."""
-        raise NotImplementedError
+        empty_passes = 0
+        for pass_index in itertools.count(start.pass_index):
+            offset = start.taken if pass_index == start.pass_index else 0
+            used = offset > 0  # a position inside a pass follows a batch whose last sample came from that pass
+            for taken, sample in enumerate(self.pass_samples(slot, num_slots, pass_index, offset, skips), offset + 1):
+                if sample is not None:
+                    used = True
+                    yield pass_index, taken, sample
+            empty_passes = 0 if used else empty_passes + 1
+            if empty_passes == MAX_EMPTY_PASSES:
+                raise DataError(self.nothing_usable(slot, num_slots, empty_passes))
 
     def starting_at(self, start: Sequence[SlotPosition], rotation: int) -> SlotDataset:
         """A copy whose local slots continue from `start`, worker w serving local slot (w + rotation) % W."""
@@ -201,28 +222,16 @@ class ShardTrainDataset(SlotDataset):
         rng = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index, slot)
         return shuffled(raw, rng, self.shuffle_buffer)
 
-    def stream(self, slot: int, num_slots: int, skips: SkipLog,
-               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
-        empty_passes = 0
-        for pass_index in itertools.count(start.pass_index):
-            items = self._raw_pass(slot, num_slots, pass_index, skips)
-            offset = 0
-            if pass_index == start.pass_index:
-                offset = fast_forward(items, start.taken, skips, f"pass {pass_index} of worker slot {slot}")
-            # a position inside a pass follows a batch whose last sample came from that pass
-            used = offset > 0
-            for taken, item in enumerate(items, offset + 1):
-                sample = decode_sample(item, self.data_size, skips)
-                if sample is not None:
-                    used = True
-                    yield pass_index, taken, sample
-            empty_passes = 0 if used else empty_passes + 1
-            if empty_passes == MAX_EMPTY_PASSES:
-                raise DataError(
-                    f"worker slot {slot} of {num_slots} found no usable sample in {empty_passes} passes over "
-                    f"its share of {len(self.shards)} shards: fix the shards (see the skip warnings) or "
-                    "use fewer ranks x workers than there are samples per shard"
-                )
+    def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
+                     skips: SkipLog) -> Iterator[Sample | None]:
+        items = self._raw_pass(slot, num_slots, pass_index, skips)
+        fast_forward(items, offset, skips, f"pass {pass_index} of worker slot {slot}")
+        return (decode_sample(item, self.data_size, skips) for item in items)
+
+    def nothing_usable(self, slot: int, num_slots: int, passes: int) -> str:
+        return (f"worker slot {slot} of {num_slots} found no usable sample in {passes} passes over its share of "
+                f"{len(self.shards)} shards: fix the shards (see the skip warnings) or use fewer ranks x workers "
+                "than there are samples per shard")
 
 
 class ShardValDataset(IterableDataset):
@@ -271,28 +280,19 @@ class CsvTrainDataset(SlotDataset):
         super().__init__(*args, **kwargs)
         self.table = table
 
-    def stream(self, slot: int, num_slots: int, skips: SkipLog,
-               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
-        empty_passes = 0
-        for pass_index in itertools.count(start.pass_index):
-            order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(len(self.table))
-            share = order[slot::num_slots]
-            offset = start.taken if pass_index == start.pass_index else 0
-            if offset > len(share):
-                raise DataError(f"CSV {self.table.path}: pass {pass_index} of worker slot {slot} has {len(share)} "
-                                f"rows but the resumed position is after {offset}: the CSV changed since the "
-                                "checkpoint, so it cannot be continued")
-            used = offset > 0  # a position inside a pass follows a batch whose last sample came from that pass
-            for taken, row in enumerate(share[offset:], offset + 1):
-                sample = self.table.sample(int(row), skips)
-                if sample is not None:
-                    used = True
-                    yield pass_index, taken, sample
-            empty_passes = 0 if used else empty_passes + 1
-            if empty_passes == MAX_EMPTY_PASSES:
-                raise DataError(f"worker slot {slot} of {num_slots} found no usable row of CSV {self.table.path} in "
-                                f"{empty_passes} passes: fix the image paths (see the skip warnings; relative paths "
-                                "start in the working directory)")
+    def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
+                     skips: SkipLog) -> Iterator[Sample | None]:
+        order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(len(self.table))
+        share = order[slot::num_slots]
+        if offset > len(share):
+            raise DataError(f"CSV {self.table.path}: pass {pass_index} of worker slot {slot} has {len(share)} "
+                            f"rows but the resumed position is after {offset}: the CSV changed since the "
+                            "checkpoint, so it cannot be continued")
+        return (self.table.sample(int(row), skips) for row in share[offset:])
+
+    def nothing_usable(self, slot: int, num_slots: int, passes: int) -> str:
+        return (f"worker slot {slot} of {num_slots} found no usable row of CSV {self.table.path} in {passes} "
+                "passes: fix the image paths (see the skip warnings; relative paths start in the working directory)")
 
 
 class CsvValDataset(IterableDataset):

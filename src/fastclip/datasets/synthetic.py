@@ -6,13 +6,12 @@ step count of the webdataset loader; sample i is the same image and caption in e
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
-from fastclip.data.loader import SlotDataset, SlotPosition, TrainLoader, steps_per_epoch
+from fastclip.data.loader import SlotDataset, TrainLoader, steps_per_epoch
 from fastclip.data.samples import SAMPLE_STREAM, Preprocess, Sample, SkipLog, Tokenizer, derive_rng
 
 _WORDS = ("a", "photo", "of", "the", "small", "large", "red", "blue", "dog", "cat", "car", "tree",
@@ -36,13 +35,10 @@ class SyntheticDataset(SlotDataset):
         words = rng.choice(_WORDS, size=int(rng.integers(3, 12)))
         return Sample(Image.fromarray(pixels), " ".join(words), index)
 
-    def stream(self, slot: int, num_slots: int, skips: SkipLog,
-               start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
-        for pass_index in itertools.count(start.pass_index):
-            order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(self.num_samples)
-            offset = start.taken if pass_index == start.pass_index else 0
-            for taken, index in enumerate(order[slot::num_slots][offset:], offset + 1):
-                yield pass_index, taken, self.sample(int(index))
+    def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
+                     skips: SkipLog) -> Iterator[Sample | None]:
+        order = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index).permutation(self.num_samples)
+        return (self.sample(int(index)) for index in order[slot::num_slots][offset:])
 
 
 def build_synthetic_loader(
