@@ -71,11 +71,14 @@ def run_all(inputs_path: Path, out_path: Path) -> dict:
 
 
 def max_rel_diff(actual: torch.Tensor, expected: torch.Tensor, dim: int | None = None) -> float:
-    """max |a - b| / max |b|; per column when dim=0 (the state's columns have different scales)."""
+    """max |a - b| / max |b|; per column when dim=0 (the state's columns have different scales).
+
+    Equal entries count as 0 (log u = -inf for a pair never visited); the scale ignores infinities."""
+    diff = torch.where(actual == expected, 0.0, actual - expected).abs()
+    scale = expected.nan_to_num(posinf=0.0, neginf=0.0).abs()
     if dim is None:
-        return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-    diff = (actual - expected).abs().amax(dim) / expected.abs().amax(dim).clamp_min(1e-30)
-    return diff.max().item()
+        return (diff.max() / scale.max().clamp_min(1e-30)).item()
+    return (diff.amax(dim) / scale.amax(dim).clamp_min(1e-30)).max().item()
 
 
 def model_grads(grads: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Learning-rate, temperature-learning-rate and inner-learning-rate (gamma) schedules.
 
 Every schedule is a plain function of the global step (or epoch) so that a resumed run recomputes
-exactly the value it would have had; the only latched state (`StepThreshold`) is checkpointed.
+exactly the value it would have had; none keeps state, so none is checkpointed.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class LrSchedule:
 class TauLrSchedule:
     """Learning rate of the global temperature (`--lr_tau_scheduler`).
 
-    const: constant, no warmup. step_thresh: constant, multiplied by `factor` (1/3) the first time the
-    temperature is <= `threshold` (0.03), checked every step, and kept from then on. cosine: like the
-    model learning rate (warmup, cosine decay).
+    const: constant, no warmup. step_thresh: constant, multiplied by `factor` (1/3) at every step whose
+    temperature is <= `threshold` (0.03): it returns to the base rate when tau rises above 0.03 again,
+    as in the reference. cosine: like the model learning rate (warmup, cosine decay).
     """
 
     kind: str
@@ -77,7 +77,6 @@ class TauLrSchedule:
     total_steps: int
     threshold: float = 0.03
     factor: float = 1.0 / 3.0
-    crossed: bool = False
 
     @property
     def reads_temperature(self) -> bool:
@@ -88,17 +87,10 @@ class TauLrSchedule:
         if self.kind == "const":
             return self.base_lr
         if self.kind == "step_thresh":
-            self.crossed = self.crossed or tau <= self.threshold
-            return self.base_lr * (self.factor if self.crossed else 1.0)
+            return self.base_lr * (self.factor if tau <= self.threshold else 1.0)
         if self.kind == "cosine":
             return cosine_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
         raise ValueError(f"unknown lr_tau scheduler {self.kind!r}: use const, step_thresh or cosine")
-
-    def state_dict(self) -> dict:
-        return {"crossed": self.crossed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.crossed = bool(state["crossed"])
 
 
 def gamma_at_epoch(epoch: int, gamma_min: float, kind: str, decay_epochs: int) -> float:

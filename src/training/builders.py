@@ -194,7 +194,7 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
     metrics = stack.enter_context(contextlib.closing(
         MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master)))
     trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
-    parts = StatefulParts(trainer.model, trainer.optimizer, trainer.stepper, objective, trainer.tau_schedule,
+    parts = StatefulParts(trainer.model, trainer.optimizer, trainer.stepper, objective,
                           trainer.guard, data.train, extra={"name": args.name, "config": plain_config(args)})
     checkpointer = Checkpointer(run_dir / "checkpoints", parts)
     policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,

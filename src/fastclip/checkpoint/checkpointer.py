@@ -28,7 +28,6 @@ from ..guard import NonFiniteGuard, SkippingStep
 from ..losses.base import Objective
 from ..optim import unwrap
 from ..progress import Progress
-from ..schedules import TauLrSchedule
 from . import files, sharded
 
 logger = logging.getLogger("fastclip")
@@ -42,7 +41,6 @@ class StatefulParts:
     optimizer: torch.optim.Optimizer
     stepper: SkippingStep  # the loss scaler's state, if any
     objective: Objective
-    tau_schedule: TauLrSchedule
     guard: NonFiniteGuard
     loader: Any = None
     extra: dict = field(default_factory=dict)  # recorded, never restored (run name, resolved flags)
@@ -143,7 +141,6 @@ class Checkpointer:
             "optimizer": parts.optimizer.state_dict(),
             "scaler": parts.stepper.state_dict(),
             "objective": parts.objective.state_dict(),
-            "tau_schedule": parts.tau_schedule.state_dict(),
             "guard": parts.guard.state_dict(),
             "per_sample_dir": None if state_dir is None else state_dir.name,
             "ranks": ranks,
@@ -196,7 +193,6 @@ class Checkpointer:
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         parts.stepper.load_state_dict(checkpoint.get("scaler", {}))
         parts.objective.load_state_dict(checkpoint["objective"])
-        parts.tau_schedule.load_state_dict(checkpoint["tau_schedule"])
         parts.guard.load_state_dict(checkpoint.get("guard", {}))
         progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
         self._restore_rank_state(checkpoint, progress)
