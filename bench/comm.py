@@ -42,9 +42,9 @@ WORLD = 2
 FLOAT = 4  # bytes of a float32
 MEASURED = (OPENCLIP, *FASTCLIP_VERSIONS)
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "scatter", "DDP all_reduce")
-# Per-sample columns: state (u1, u2, bound1, bound2; v2 adds tau, exp_avg, exp_avg_sq per side) and
+# Per-sample columns: state (log_u1, log_u2; v2: u, bound, tau, exp_avg, exp_avg_sq per side) and
 # the extra per-sample values term 2 needs (the positive; v2 also the two pre-update taus).
-STATE_COLUMNS = {"fastclip-v0": 4, "fastclip-v1": 4, "fastclip-v2": 10, "fastclip-v3": 4}
+STATE_COLUMNS = {"fastclip-v0": 2, "fastclip-v1": 2, "fastclip-v2": 10, "fastclip-v3": 2}
 EXTRA_COLUMNS = {"fastclip-v0": 1, "fastclip-v1": 1, "fastclip-v2": 3, "fastclip-v3": 1}
 INDEX_COLUMNS = 2  # an int64 index travels as two float32 feature columns
 REFERENCE_MODELS = {"RN50": 1024, "ViT-B-32": 512}  # for scale: their DDP gradient all-reduce
@@ -258,7 +258,7 @@ def report(results: dict, steps: int) -> str:
         wire_formula.__doc__.strip().replace("\n    ", "\n"),
         f"Check against the measurement (K={WORLD}, d={EMBED_DIM}):",
         ring_check_table(results),
-        "C = 4 state columns for v0/v1/v3 (u1, u2, bound1, bound2) and 10 for v2; extra = 1 gathered column "
+        "C = 2 state columns for v0/v1/v3 (log_u1, log_u2) and 10 for v2; extra = 1 gathered column "
         "(the positive), 3 for v2 (positive, tau1, tau2); the index travels as 2 float32 columns.",
         analytic_table((128, 256), (512, 1024), worlds),
         "For scale, DDP's gradient all-reduce (every objective, independent of b), bytes sent per rank per step:",

@@ -2,9 +2,10 @@
 peak resident memory of short OpenCLIP and FastCLIP-v3 training runs.
 
 The state is measured on real processes (K = 1, 2, 3): the bytes of each rank's ShardedState table
-as FastCLIPObjective allocates it, against ceil(n/K) * C * 4 (C = 4 float columns per pair for
-v0/v1/v3: u1, u2 and the running bounds c1, c2; 10 for v2). The reference implementation keeps
-a full copy on every rank: 8n bytes (v0/v1/v3: u1, u2) or 40n (v2).
+as FastCLIPObjective allocates it, against ceil(n/K) * C * 4 (C = 2 float32 columns per pair for
+v0/v1/v3: log u1, log u2; 10 for v2: u, bound, tau, Adam m and v per side). The reference keeps
+a full copy on every rank: 8n bytes (v0/v1/v3: u1, u2) or 40n (v2). The peak-memory runs train
+OpenCLIP and FastCLIP-v3 at CC3M's data_size, and FastCLIP-v3 again at LAION-400M's.
 
     python bench/memory.py           # full run
     python bench/memory.py --quick   # smoke run, < 1 min
@@ -34,9 +35,10 @@ from ranks import synthetic_batches  # noqa: E402
 from tables import human_bytes  # noqa: E402
 
 FLOAT = 4
-SCHEMES = {"v0/v1/v3": ("global_learnable", 4), "v2": ("individual_learnable", 10)}  # scheme, columns C
+SCHEMES = {"v0/v1/v3": ("global_learnable", 2), "v2": ("individual_learnable", 10)}  # scheme, columns C
 REFERENCE_BYTES_PER_PAIR = {"v0/v1/v3": 8, "v2": 40}  # full replica on every rank
-DATASETS = {"CC3M 3.3M": CC3M_DATA_SIZE, "CC12M 12M": 12_000_000, "LAION 400M": 400_000_000}
+LAION_DATA_SIZE = 400_000_000
+DATASETS = {"CC3M 3.3M": CC3M_DATA_SIZE, "CC12M 12M": 12_000_000, "LAION 400M": LAION_DATA_SIZE}
 FORMULA_WORLDS = (8, 16, 32)
 RSS_VARIANTS = (OPENCLIP, "fastclip-v3")
 
@@ -48,7 +50,7 @@ class Plan:
     rss_worlds: tuple[int, ...]
     rss_batch: int
     rss_steps: int
-    rss_data_size: int
+    rss_data_sizes: tuple[int, ...]  # OpenCLIP runs at the first only: it keeps no per-sample state
     device: str
 
 
@@ -95,7 +97,7 @@ def formula_table() -> str:
             ours, reference = state_formula(n, k, columns), REFERENCE_BYTES_PER_PAIR[label] * n
             cells += [human_bytes(ours), human_bytes(reference), f"{reference / ours:.1f}x"]
         rows.append([name, str(k), *cells])
-    headers = ["dataset n", "K", "ours v0/v1/v3 (16 B/pair / K)", "reference (8n)", "saving",
+    headers = ["dataset n", "K", "ours v0/v1/v3 (8 B/pair / K)", "reference (8n)", "saving",
                "ours v2 (40 B/pair / K)", "reference v2 (40n)", "saving"]
     return markdown_table(headers, rows)
 
@@ -111,12 +113,12 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def rank_training_memory(variant: str, plan: Plan) -> dict:
+def rank_training_memory(variant: str, plan: Plan, data_size: int) -> dict:
     """A fresh process per run, so that the peak is this run's: RSS after building, peak RSS after
     the steps, and on a GPU the peak CUDA allocation."""
     device = rank_device(plan.device)
-    trainer = build_trainer(variant, plan.rss_batch, plan.rss_data_size, device)
-    batches = itertools.cycle(synthetic_batches(plan.rss_batch, 2, plan.rss_data_size, device))
+    trainer = build_trainer(variant, plan.rss_batch, data_size, device)
+    batches = itertools.cycle(synthetic_batches(plan.rss_batch, 2, data_size, device))
     built = _current_rss()
     run_window(trainer, batches, plan.rss_steps)
     state = getattr(trainer.objective, "state", None)
@@ -130,9 +132,11 @@ def rank_training_memory(variant: str, plan: Plan) -> dict:
 def training_memory(plan: Plan) -> list[dict]:
     backend = "nccl" if plan.device == "cuda" else "gloo"
     runs = []
-    for world, variant in itertools.product(plan.rss_worlds, RSS_VARIANTS):
-        per_rank = run_on_ranks(world, rank_training_memory, variant, plan, backend=backend)
-        runs.append({"K": world, "variant": variant, "ranks": per_rank})
+    for world, data_size, variant in itertools.product(plan.rss_worlds, plan.rss_data_sizes, RSS_VARIANTS):
+        if variant == OPENCLIP and data_size != plan.rss_data_sizes[0]:
+            continue
+        per_rank = run_on_ranks(world, rank_training_memory, variant, plan, data_size, backend=backend)
+        runs.append({"K": world, "data_size": data_size, "variant": variant, "ranks": per_rank})
     return runs
 
 
@@ -143,9 +147,9 @@ def training_table(runs: list[dict]) -> str:
         built = max(r["rss_built"] for r in run["ranks"])
         cuda = max((r.get("cuda_peak", 0) for r in run["ranks"]), default=0)
         state = max(r["state"] for r in run["ranks"])
-        rows.append([str(run["K"]), run["variant"], human_bytes(built), human_bytes(peak), human_bytes(state),
-                     human_bytes(cuda) if cuda else "-"])
-    headers = ["K", "variant", "RSS after build (max over ranks)", "peak RSS (max over ranks)",
+        rows.append([str(run["K"]), f"{run['data_size']:,}", run["variant"], human_bytes(built), human_bytes(peak),
+                     human_bytes(state), human_bytes(cuda) if cuda else "-"])
+    headers = ["K", "data_size", "variant", "RSS after build (max over ranks)", "peak RSS (max over ranks)",
                "state table per rank", "peak CUDA allocated"]
     return markdown_table(headers, rows)
 
@@ -162,9 +166,9 @@ def parse(argv: list[str] | None) -> Plan:
     gpus = torch.cuda.device_count() if args.device == "cuda" else 2
     rss_worlds = tuple(k for k in (1, 2) if k <= gpus)  # one GPU per rank under NCCL
     if args.quick:
-        return Plan((2,), (1000, 100_003), (1,), args.batch_size, 2, CC3M_DATA_SIZE, args.device)
+        return Plan((2,), (1000, 100_003), (1,), args.batch_size, 2, (CC3M_DATA_SIZE,), args.device)
     return Plan((1, 2, 3), (1000, 100_003, CC3M_DATA_SIZE), rss_worlds, args.batch_size, args.steps,
-                CC3M_DATA_SIZE, args.device)
+                (CC3M_DATA_SIZE, LAION_DATA_SIZE), args.device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,14 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         "rows it does not own).",
         state_table(rows),
         "### Per-sample state at dataset scale: ceil(n/K) * C * 4 bytes per rank vs the reference's replica",
-        "Ours: C = 4 floats per pair for v0/v1/v3 (u1, u2, bounds c1, c2), 10 for v2; reference: u1, u2 on "
-        "every rank (8n bytes), 40n for v2. Ours stores twice the columns of the reference's global versions "
-        "(the running bounds), so the saving is K/2 for v0/v1/v3 and K for v2.",
+        "Bytes per pair per rank: 8 / K for v0/v1/v3 (log u1, log u2 in float32: the reference's 2 floats), "
+        "40 / K for v2 (the reference's 10 floats); the reference keeps all n pairs on every rank (8 and 40 "
+        "bytes per pair per rank), so the saving is K for every version.",
         formula_table(),
         f"### Peak memory of short training runs ({plan.device}, b={plan.rss_batch}, {plan.rss_steps} steps, "
-        f"data_size {plan.rss_data_size}, fresh process per run)",
+        "fresh process per run)",
         "RSS includes the Python interpreter, torch and open_clip (~hundreds of MiB) and the model, its "
-        "gradients and AdamW moments; FastCLIP-v3 adds its state table (last column).",
+        "gradients and AdamW moments; FastCLIP-v3 adds its state table (its own column), allocated once "
+        "at start: a step adds nothing that grows with data_size.",
         training_table(runs),
     ])
     data = {"plan": plan.__dict__, "state_measured": {str(k): v for k, v in measured.items()}, "runs": runs}

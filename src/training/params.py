@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--rho", type=float, default=6.5, help="FastCLIP-v2/v3: weight of the RGCL temperature constraint")
     p.add("--lr_tau", type=float, default=-1.0, help="FastCLIP: learning rate of the temperature; < 0 means --lr")
     p.add("--lr_tau_scheduler", choices=("const", "step_thresh", "cosine"), default=None,
-          help="FastCLIP: temperature learning rate schedule; step_thresh divides it by 3 once tau <= 0.03 "
-               "(default: const for individual_learnable, else cosine)")
+          help="FastCLIP: temperature learning rate schedule; step_thresh divides it by 3 at every step "
+               "where tau <= 0.03 (default: const for individual_learnable, else cosine)")
     p.add("--fastclip_eps", type=float, default=1e-14, help="FastCLIP: eps in the ratio g / (eps + u)")
 
     # run, logging, checkpoints
