@@ -19,6 +19,7 @@ tau appears with gradient in both terms, so its gradient is dPhi/dtau (not half 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..distributed import comm
@@ -113,7 +114,8 @@ class FastCLIPObjective:
         self.fields = list(self.average.fields) + list(self.scheme.fields)
         self.columns = [f"{field}{side}" for field in self.fields for side in (1, 2)]
         initial = {**self.average.initial, **self.scheme.initial(config.temperature)}
-        self.state = ShardedState(config.data_size, [initial[field] for field in self.fields for _ in (1, 2)], device, dtype)
+        per_column = [initial[field] for field in self.fields for _ in (1, 2)]
+        self.state = ShardedState(config.data_size, per_column, device, dtype)
         self._last_tau: torch.Tensor | None = None
         self.on_epoch_start(0)
 

@@ -63,7 +63,10 @@ class GlobalTemperature:
     def anchor_tau(self, old: dict[str, torch.Tensor], model_tau: torch.Tensor, b: int) -> torch.Tensor:
         return self._model_tau(model_tau).expand(2, b)
 
-    def step(self, old, differences, mask, estimate, batch_size, epoch) -> dict[str, torch.Tensor]:
+    def step(
+        self, old: dict[str, torch.Tensor], differences: torch.Tensor, mask: torch.Tensor, estimate: Estimate,
+        batch_size: int, epoch: int,
+    ) -> dict[str, torch.Tensor]:
         return {}
 
     def shared(self, tau: torch.Tensor) -> list[torch.Tensor]:
@@ -93,7 +96,10 @@ class IndividualTemperature:
     def anchor_tau(self, old: dict[str, torch.Tensor], model_tau: torch.Tensor, b: int) -> torch.Tensor:
         return old["tau"]
 
-    def step(self, old, differences, mask, estimate, batch_size, epoch) -> dict[str, torch.Tensor]:
+    def step(
+        self, old: dict[str, torch.Tensor], differences: torch.Tensor, mask: torch.Tensor, estimate: Estimate,
+        batch_size: int, epoch: int,
+    ) -> dict[str, torch.Tensor]:
         grad = fn.temperature_gradient(differences, mask, estimate.shift, self.rho, batch_size, TEMPERATURE_GRAD_CLAMP)
         beta1, beta2 = (0.0, 0.0) if epoch == 0 else (self.beta1, self.beta2)
         exp_avg = beta1 * old["exp_avg"] + (1.0 - beta1) * grad
