@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install demo test bench bench-quick gpu-wheels clean
+.PHONY: install demo test bench bench-quick bench-fonts gpu-wheels clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ bench: install
 bench-quick: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/run_all.py --quick
+
+# retrieval with unique captions (Unicode characters drawn in fonts): the font check prints the
+# apt-get line when a Debian font package is missing; bench/fonts.py builds the data once, then trains
+bench-fonts: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m fastclip.datasets.fonts --check
+	$(PY) bench/fonts.py
 
 # wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
 gpu-wheels:

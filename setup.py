@@ -26,8 +26,9 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "requests"],
-        "bench": ["scikit-learn"],  # the handwritten-digits set of the convergence benchmark
+        "test": ["pytest>=7", "scikit-learn", "requests", "fonttools"],
+        # scikit-learn: the handwritten digits of bench/convergence.py; fonttools: the fonts of bench/fonts.py
+        "bench": ["scikit-learn", "fonttools"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,44 @@ def parse_peak_cuda(output: str) -> Metrics:
             allocated, reserved = (int(x) for x in line.split()[1:3])
             return {"peak_allocated_gib": allocated / 2**30, "peak_reserved_gib": reserved / 2**30}
     return {}
+
+
+# ------------------------------------------------------------------------------- convergence runs
+
+
+def reuse_or_train(run_dir: Path, argv: Sequence[str], train: Callable[[], None]) -> float:
+    """Seconds that the run in `run_dir` took: a finished run there (done.json) with the same `argv`
+    is reused; otherwise the folder is cleared and `train()` runs it from scratch (results.jsonl is
+    appended to, so an unfinished run's lines must not stay). An interrupted benchmark thus continues
+    with the runs it has not finished."""
+    done = run_dir / "done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record["argv"] == list(argv):
+            return record["seconds"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    train()
+    seconds = time.perf_counter() - started
+    done.write_text(json.dumps({"argv": list(argv), "seconds": seconds}))
+    return seconds
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot_band(ax, curves: Sequence[Sequence[float]], label: str) -> None:
+    """One line per contender: the mean over seeds of per-epoch values (epochs 1..E), with a +-std band."""
+    epochs = range(1, len(curves[0]) + 1)
+    stats = [mean_std(values) for values in zip(*curves)]
+    ax.plot(epochs, [m for m, _ in stats], "o-", ms=3, label=label)
+    ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
 
 
 # ----------------------------------------------------------------------------- training log lines

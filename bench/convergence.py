@@ -26,11 +26,8 @@ Needs scikit-learn and matplotlib.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +38,17 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
 
 import torch  # noqa: E402
-from common import OUT_DIR, ROOT, demo_shards, markdown_table, write_report  # noqa: E402
+from common import (  # noqa: E402
+    OUT_DIR,
+    ROOT,
+    demo_shards,
+    markdown_table,
+    mean_std,
+    plot_band,
+    read_jsonl,
+    reuse_or_train,
+    write_report,
+)
 
 from fastclip.datasets.demo import DemoData  # noqa: E402
 from fastclip.datasets.digits import build_digits  # noqa: E402
@@ -151,10 +158,6 @@ def run_argv(run: Run, data: DemoData, epochs: int, optim: Optim, logs: Path) ->
     ]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def read_result(run: Run, run_dir: Path, epochs: int, seconds: float) -> Result:
     """Curve and final temperature from the run folder's results.jsonl and metrics.jsonl."""
     by_epoch = {r["epoch"]: r[TOP1] for r in read_jsonl(run_dir / "results.jsonl")}
@@ -164,18 +167,8 @@ def read_result(run: Run, run_dir: Path, epochs: int, seconds: float) -> Result:
 
 
 def train_or_reuse(run: Run, argv: list[str], run_dir: Path, epochs: int) -> Result:
-    """Train unless run_dir holds a finished run with the same flags; an unfinished one is started over
-    (results.jsonl is appended to, so a half run's lines must not stay)."""
-    done = run_dir / "done.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        if record["argv"] == argv:
-            return read_result(run, run_dir, epochs, record["seconds"])
-    shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.perf_counter()
-    train(argv)
-    seconds = time.perf_counter() - started
-    done.write_text(json.dumps({"argv": argv, "seconds": seconds}))
+    """Train in this process unless run_dir holds a finished run with the same flags."""
+    seconds = reuse_or_train(run_dir, argv, lambda: train(argv))
     return read_result(run, run_dir, epochs, seconds)
 
 
@@ -198,11 +191,6 @@ def run_all(scale: Scale, data: dict[str, DemoData], optim: Optim, logs: Path) -
 
 
 # --------------------------------------------------------------------------------------- summary
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single seed)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def group(results: list[Result]) -> dict[tuple[str, int, str], list[Result]]:
@@ -238,11 +226,11 @@ def accuracy_table(summary: list[dict]) -> str:
     return markdown_table(["data set", "batch", *VERSIONS, "v3 − OpenCLIP (pp ± s.e.)"], rows)
 
 
-def difference(a: dict, b: dict) -> str:
-    """a - b in percentage points with the standard error of a difference of two means over seeds, so
-    a reader sees whether the gap exceeds the seed noise."""
-    error = math.sqrt(a["top1_std"] ** 2 / a["seeds"] + b["top1_std"] ** 2 / b["seeds"])
-    return f"{100 * (a['top1_mean'] - b['top1_mean']):+.1f} ± {100 * error:.1f}"
+def difference(a: dict, b: dict, key: str = "top1", digits: int = 1) -> str:
+    """a - b of the summaries' `key` in percentage points with the standard error of a difference of
+    two means over seeds, so a reader sees whether the gap exceeds the seed noise."""
+    error = math.sqrt(a[f"{key}_std"] ** 2 / a["seeds"] + b[f"{key}_std"] ** 2 / b["seeds"])
+    return f"{100 * (a[f'{key}_mean'] - b[f'{key}_mean']):+.{digits}f} ± {100 * error:.{digits}f}"
 
 
 def temperature_table(summary: list[dict]) -> str:
@@ -266,11 +254,7 @@ def plot_curves(results: list[Result], dataset: str, batches: Sequence[int], pat
     for ax, batch in zip(axes[0], batches):
         for version in VERSIONS:
             curves = [r.curve for r in groups[dataset, batch, version]]
-            epochs = range(1, len(curves[0]) + 1)
-            stats = [mean_std(values) for values in zip(*curves)]
-            mean = [m for m, _ in stats]
-            ax.plot(epochs, mean, "o-", ms=3, label=version)
-            ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+            plot_band(ax, curves, version)
         ax.axhline(CHANCE, color="grey", lw=0.8, ls=":", label="chance")
         ax.set(title=f"{dataset}, batch {batch} ({len(curves)} seeds)", xlabel="epoch", ylabel="zero-shot top-1")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

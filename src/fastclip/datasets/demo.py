@@ -149,8 +149,25 @@ def build_once(out: str | Path, manifest_name: str, settings: dict,
     settings only read its manifest.
 
     `write(staging)` writes staging/train and staging/test and returns (shard pattern relative to
-    train/, data_size, training pairs). Everything lands in a staging folder first, so an interrupted
-    build leaves nothing that looks complete.
+    train/, data_size, training pairs).
+    """
+    def staged(staging: Path) -> dict:
+        pattern, data_size, num_samples = write(staging)
+        return {"train_shards": f"train/{pattern}", "data_size": data_size, "num_samples": num_samples,
+                "test_dir": "test"}
+
+    out = Path(out).resolve()
+    result = build_manifest_once(out, manifest_name, settings, staged)
+    return DemoData(str(out / result["train_shards"]), result["data_size"], result["num_samples"],
+                    out / result["test_dir"])
+
+
+def build_manifest_once(out: str | Path, manifest_name: str, settings: dict,
+                        write: Callable[[Path], dict]) -> dict:
+    """`build_once` for any result: `write(staging)` writes staging/train and staging/test and returns
+    the result (JSON, paths relative to `out`) that the manifest keeps and later calls return.
+
+    Everything lands in a staging folder first, so an interrupted build leaves nothing that looks complete.
     """
     out = Path(out).resolve()
     manifest = out / manifest_name
@@ -158,15 +175,12 @@ def build_once(out: str | Path, manifest_name: str, settings: dict,
     if result is None:
         staging = out / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
-        pattern, data_size, num_samples = write(staging)
+        result = write(staging)
         for part in ("train", "test"):
             os.replace(staging / part, out / part)
         staging.rmdir()
-        result = {"train_shards": f"train/{pattern}", "data_size": data_size, "num_samples": num_samples,
-                  "test_dir": "test"}
         manifest.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
-    return DemoData(str(out / result["train_shards"]), result["data_size"], result["num_samples"],
-                    out / result["test_dir"])
+    return result
 
 
 def build_demo(out: str | Path, samples_per_shard: int = 2500, limit: int | None = None,
