@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 TARGET = ROOT / "docs" / "benchmarks.md"
+NOTES = ROOT / "bench" / "notes.md"
 # Each benchmark's section title up to its first ':', by which a published section is found again.
 TITLES = {
     "throughput": "CPU throughput vs open_clip_train",
@@ -42,15 +43,21 @@ def run(name: str, quick: bool) -> None:
     print(f"== {name}: {time.time() - started:.0f} s", flush=True)
 
 
+def sections(text: str) -> list[str]:
+    """The '## ' sections of a markdown text."""
+    return ["## " + part.rstrip() for part in ("\n" + text).split("\n## ")[1:]]
+
+
 def published_sections() -> list[str]:
-    """The '## ' sections of the current docs/benchmarks.md."""
+    """The benchmarks' sections of the current docs/benchmarks.md (the hand-written notes' excluded)."""
     if not TARGET.exists():
         return []
-    return ["## " + part.rstrip() for part in ("\n" + TARGET.read_text()).split("\n## ")[1:]]
+    notes = {section.splitlines()[0] for section in sections(NOTES.read_text())}
+    return [section for section in sections(TARGET.read_text()) if section.splitlines()[0] not in notes]
 
 
 def assemble(names: tuple[str, ...]) -> str:
-    parts = [(ROOT / "bench" / "notes.md").read_text().rstrip()]
+    parts = [NOTES.read_text().rstrip()]
     published = published_sections()
     for name in names:
         section = OUT / f"{name}.md"
