@@ -255,17 +255,22 @@ def report(results: list[Result], scale: Scale, data: FontsData, optim: Optim, f
     return write_report(name, "Unique captions: retrieval on Unicode characters drawn in fonts", body, raw)
 
 
+def load_data(scale: Scale) -> FontsData:
+    """The scale's shards under bench/out/data, built on first use; missing fonts end the program."""
+    try:
+        return build_fonts(OUT_DIR / "data" / f"fonts-{scale.train_pairs}-{scale.test_pairs}",
+                           train_pairs=scale.train_pairs, test_pairs=scale.test_pairs)
+    except MissingFonts as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 600 training pairs, 2 epochs")
     opts = parser.parse_args(argv)
     scale, name = (QUICK, "fonts-quick") if opts.quick else (FULL, "fonts")
     started = time.perf_counter()
-    try:
-        data = build_fonts(OUT_DIR / "data" / f"fonts-{scale.train_pairs}-{scale.test_pairs}",
-                           train_pairs=scale.train_pairs, test_pairs=scale.test_pairs)
-    except MissingFonts as error:
-        raise SystemExit(f"error: {error}") from None
+    data = load_data(scale)
     print(f"data: {data.num_samples} training pairs, {data.test_samples} test pairs "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     results = run_all(scale, data, OPTIM, OUT_DIR / name / "logs")

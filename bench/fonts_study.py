@@ -29,9 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
 
 from common import OUT_DIR, markdown_table, reuse_or_train, write_report  # noqa: E402
-from fonts import FULL, METRICS, OPTIM, QUICK, RANKS, Run, read_result, run_argv, torchrun  # noqa: E402
-
-from fastclip.datasets.fonts import MissingFonts, build_fonts  # noqa: E402
+from fonts import FULL, METRICS, OPTIM, QUICK, RANKS, Run, load_data, read_result, run_argv, torchrun  # noqa: E402
 
 BATCH, SEED = 16, 0
 
@@ -59,11 +57,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     quick = parser.parse_args(argv).quick
     scale, epochs, name = (QUICK, 2, "fonts_study-quick") if quick else (FULL, 4, "fonts_study")
     started = time.perf_counter()
-    try:
-        data = build_fonts(OUT_DIR / "data" / f"fonts-{scale.train_pairs}-{scale.test_pairs}",
-                           train_pairs=scale.train_pairs, test_pairs=scale.test_pairs)
-    except MissingFonts as error:
-        raise SystemExit(f"error: {error}") from None
+    data = load_data(scale)
     logs = OUT_DIR / name / "logs"
     rows, raw = [], []
     for index, variant in enumerate(VARIANTS):
