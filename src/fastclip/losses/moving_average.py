@@ -72,10 +72,10 @@ class BoundedMovingAverage:
         self, old: dict[str, torch.Tensor], differences: torch.Tensor, mask: torch.Tensor, gamma: float,
         batch_size: int, eps: float,
     ) -> Estimate:
-        d = differences.detach()
+        d = fn.masked(differences.detach(), mask)
         bound = old["bound"].to(d.dtype)
-        new_bound = torch.maximum(bound, fn.masked(d, mask).amax(dim=-1))
-        g = torch.exp(fn.masked(d, mask) - new_bound.unsqueeze(-1)).sum(dim=-1) / (batch_size - 1)
+        new_bound = torch.maximum(bound, d.amax(dim=-1))
+        g = torch.exp(d - new_bound.unsqueeze(-1)).sum(dim=-1) / (batch_size - 1)
         u = old["u"].to(d.dtype)
         bad = (u < BAD_U_BELOW) | ~torch.isfinite(u)
         moved = (1.0 - gamma) * u * torch.exp(bound - new_bound) + gamma * g
