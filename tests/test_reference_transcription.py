@@ -242,7 +242,7 @@ def _eps_scaled_by_bound(self, old, differences, mask, gamma, batch_size, eps):
     g / (u + eps * e^c)."""
     estimate = ORIGINAL_UPDATE(self, old, differences, mask, gamma, batch_size, eps)
     bound = differences.detach().masked_fill(~mask, -math.inf).amax(dim=-1).clamp_min(0.0)
-    return estimate._replace(shift=torch.logaddexp(estimate.log_u, math.log(eps) + bound))
+    return estimate._replace(shift=torch.logaddexp(estimate.fields["log_u"], math.log(eps) + bound))
 
 
 def _no_bad_value_rule(monkeypatch):

@@ -294,7 +294,7 @@ def build_fonts(out: str | Path, train_pairs: int | None = None, test_pairs: int
     root = Path(root)
     check_fonts(root)
     if processes is None:
-        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = len(os.sched_getaffinity(0))
 
     def write(staging: Path) -> dict:
         fonts = training_fonts(root)

@@ -174,7 +174,7 @@ class FastCLIPObjective:
         self._last_tau = new.get("tau", tau).detach().mean()
         if not cfg.multiply_tau:
             return {"fastclip_loss": loss}
-        mean_log_u = estimate.log_u.sum(dim=0).mean() / 2
+        mean_log_u = self.average.log_u(estimate.fields).sum(dim=0).mean() / 2
         return {"fastclip_loss": model_tau.detach() * loss, "tau_loss": model_tau * (cfg.rho + mean_log_u)}
 
     def log_values(self) -> dict[str, float]:

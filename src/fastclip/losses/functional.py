@@ -69,10 +69,15 @@ def log_estimator(differences: torch.Tensor, mask: torch.Tensor, batch_size: int
     )
 
 
+def candidate_weights(differences: torch.Tensor, shift: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """exp(d_ij - shift_i) on the mask, 0 elsewhere: with shift_i = log(u_i + eps), the weight
+    exp(d_ij) / (u_i + eps) of candidate j, differentiable through d only."""
+    return torch.exp(masked(differences, mask) - shift.detach().unsqueeze(-1))
+
+
 def weighted_sum(differences: torch.Tensor, shift: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_{j in mask} exp(d_ij - shift_i): with shift_i = log(u_i + eps), the objective's
-    sum_j exp(d_ij) / (u_i + eps), differentiable through d only."""
-    return torch.exp(masked(differences, mask) - shift.detach().unsqueeze(-1)).sum(dim=-1)
+    """sum_{j in mask} exp(d_ij) / (u_i + eps): the objective's term for anchor i."""
+    return candidate_weights(differences, shift, mask).sum(dim=-1)
 
 
 def temperature_gradient(
@@ -86,6 +91,6 @@ def temperature_gradient(
     clamped to [-clamp, clamp]; shift_i = log(u_i + eps) carries u and eps on the anchor's scale.
     """
     d = differences.detach()
-    weights = torch.exp(masked(d, mask) - shift.unsqueeze(-1))
+    weights = candidate_weights(d, shift, mask)
     grad = -(weights * d.masked_fill(~mask, 0.0)).sum(dim=-1) / (batch_size - 1) + shift + rho
     return grad.clamp(-clamp, clamp)

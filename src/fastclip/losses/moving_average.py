@@ -31,7 +31,6 @@ class Estimate(NamedTuple):
 
     fields: dict[str, torch.Tensor]  # new per-sample values, by field name
     shift: torch.Tensor  # log(u + eps) on the anchor's scale: weight of candidate j is exp(d_ij - shift_i)
-    log_u: torch.Tensor  # log of the true updated u (v3's tau term)
 
 
 def _log(x: float) -> float:
@@ -54,12 +53,17 @@ class LogMovingAverage:
         bad = (log_u < LOG_BAD_U_BELOW) | ~torch.isfinite(log_u)
         moved = torch.logaddexp(log_u + _log(1.0 - gamma), log_g + _log(gamma))
         new = {"log_u": torch.where(bad, log_g, moved)}
-        return Estimate(new, self.shift(new, eps), new["log_u"])
+        return Estimate(new, self.shift(new, eps))
 
     @staticmethod
     def shift(fields: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
         """log(u + eps)."""
         return torch.logaddexp(fields["log_u"], torch.full_like(fields["log_u"], _log(eps)))
+
+    @staticmethod
+    def log_u(fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log of the true u (v3's tau term)."""
+        return fields["log_u"]
 
 
 class BoundedMovingAverage:
@@ -80,9 +84,14 @@ class BoundedMovingAverage:
         bad = (u < BAD_U_BELOW) | ~torch.isfinite(u)
         moved = (1.0 - gamma) * u * torch.exp(bound - new_bound) + gamma * g
         new = {"u": torch.where(bad, g, moved), "bound": new_bound}
-        return Estimate(new, self.shift(new, eps), torch.log(new["u"]) + new_bound)
+        return Estimate(new, self.shift(new, eps))
 
     @staticmethod
     def shift(fields: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
         """c + log(u_c + eps): the reference's g_c / (u_c + eps) written as exp(d - shift)."""
         return fields["bound"] + torch.log(fields["u"] + eps)
+
+    @staticmethod
+    def log_u(fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log of the true u: log u_c + c."""
+        return torch.log(fields["u"]) + fields["bound"]
