@@ -233,7 +233,7 @@ def measure_step(setup: GpuSetup, variant: StepVariant, batch_size: int) -> dict
     def engine_step(_: object = None) -> None:
         step = next(global_step)
         trainer.set_learning_rates(step)
-        trainer.train_step(next(batches))
+        trainer.train_step([next(batches)])
 
     def forward() -> tuple[dict, dict]:
         batch = next(batches)
@@ -268,10 +268,10 @@ def non_finite_step(trainer, batches: Iterator[dict]) -> dict:
     poisoned = dict(batch, image=torch.full_like(batch["image"], float("nan")))
     weights = [p.detach().clone() for p in trainer.model.parameters()]
     total = int(trainer.guard.total)
-    trainer.train_step(poisoned)
+    trainer.train_step([poisoned])
     unchanged = all(torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights))
     counted = int(trainer.guard.total) == total + 1
-    return {**count_syncs(trainer.device, lambda _: trainer.train_step(poisoned), steps=1),
+    return {**count_syncs(trainer.device, lambda _: trainer.train_step([poisoned]), steps=1),
             "weights_unchanged": unchanged, "counted": counted}
 
 

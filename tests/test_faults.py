@@ -229,20 +229,20 @@ def test_a_non_finite_step_changes_nothing(tmp_path):
     precision = resolve_precision("fp32", env.device)
     bundle = build_model(args.model, env.device, args.temperature)
     objective = build_objective(args, env)
-    trainer = build_trainer(args, env, bundle.model, objective, precision, steps_per_epoch=6)
+    trainer = build_trainer(args, env, bundle.model, objective, precision, batches_per_epoch=6)
     images = torch.rand(BATCH, 3, 32, 32)
     batch = {"image": images, "text": bundle.tokenizer(["a photo"] * BATCH), "index": torch.arange(BATCH)}
-    trainer.train_step(batch)
+    trainer.train_step([batch])
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
     table = objective.state.table.clone()
-    trainer.train_step(dict(batch, image=torch.full_like(images, float("nan"))))
+    trainer.train_step([dict(batch, image=torch.full_like(images, float("nan")))])
     for name, value in bundle.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(torch.equal(s["exp_avg"], m) for s, m in zip(trainer.optimizer.state.values(), moments))
     assert torch.equal(objective.state.table, table)
     assert (int(trainer.guard.total), int(trainer.guard.consecutive)) == (1, 1)
-    trainer.train_step(batch)
+    trainer.train_step([batch])
     assert (int(trainer.guard.total), int(trainer.guard.consecutive)) == (1, 0)
     assert not torch.equal(bundle.model.state_dict()["logit_scale"], before["logit_scale"])
 

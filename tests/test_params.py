@@ -217,7 +217,7 @@ def help_entries() -> dict[str, str]:
 
 def test_help_shows_defaults():
     entries = help_entries()
-    for flag, default in (("--batch-size", "64"), ("--seed", "0"), ("--temperature", "0.07"), ("--workers", "4"),
+    for flag, default in (("--batch-size", "64"), ("--seed", "0"), ("--accum-freq", "1"), ("--workers", "4"),
                           ("--temperature_scheme", "global_learnable"), ("--precision", "auto"), ("--logs", "./logs")):
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
     assert not any("(default: None)" in text or "(default: False)" in text for text in entries.values())

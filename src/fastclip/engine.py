@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator, Protocol
 
 import torch
-
-from typing import Protocol
 
 from .guard import NonFiniteGuard, SkippingStep
 from .log import LOGGER_NAME, MetricsSink, format_duration
@@ -51,6 +51,13 @@ class StepTimer:
         return totals
 
 
+def _groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` batches; a shorter last list is dropped, as open_clip_train does."""
+    iterator = iter(batches)
+    while len(group := list(itertools.islice(iterator, size))) == size:
+        yield group
+
+
 class StepHook(Protocol):
     def after_step(self, progress: Progress) -> bool:
         """Called after every step; True ends the epoch there (the run stops)."""
@@ -72,10 +79,11 @@ class Trainer:
     profile: bool = False
     metrics: MetricsSink | None = None
     max_bad_steps: int = 20
+    accum_freq: int = 1
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
 
     def __post_init__(self) -> None:
-        self.stepper = SkippingStep(self.device, self.precision.grad_scaler)
+        self.stepper = SkippingStep(self.device, self.precision.grad_scaler, self.precision.float16_weights)
         self.guard = NonFiniteGuard(self.device, self.max_bad_steps)
         self.timer = StepTimer(self.device, self.profile)
 
@@ -88,19 +96,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.tau_schedule(step, tau) if group.get("name") == "temperature" else lr
 
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"].to(self.device, non_blocking=True)
-        texts = batch["text"].to(self.device, non_blocking=True)
-        index = batch["index"].to(self.device, non_blocking=True)
+    def train_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step over `batches` (`--accum-freq` of them, usually one)."""
+        inputs = [self._to_device(batch) for batch in batches]
         self.timer.lap("data")
-        with self.precision.autocast(self.device):
-            out = self.model(images, texts)
-            self.timer.lap("forward")
-            losses = self.objective(out["image_features"], out["text_features"], out["logit_scale"], index)
-            total = sum(losses.values())
-        self.timer.lap("objective")
         self.optimizer.zero_grad(set_to_none=True)
-        self.stepper.backward(total)
+        if len(inputs) == 1:
+            losses = self._forward_backward(*inputs[0])
+        else:
+            losses = self._accumulated_forward_backward(inputs)
         self.stepper.unscale(self.optimizer)
         self.timer.lap("backward")
         grad_norm = self._gradient_norm()
@@ -108,7 +112,57 @@ class Trainer:
         self.stepper.step(self.optimizer, grad_norm)  # left out when a gradient is not finite
         clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
         self.timer.lap("optimizer")
-        return {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images in the model's input type (bf16/fp16 weights take bf16/fp16 images), texts, indices."""
+        images = batch["image"].to(self.device, dtype=self.precision.input_dtype, non_blocking=True)
+        texts = batch["text"].to(self.device, non_blocking=True)
+        return images, texts, batch["index"].to(self.device, non_blocking=True)
+
+    def _losses(self, out: dict, image_features: torch.Tensor, text_features: torch.Tensor,
+                index: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = self.objective(image_features, text_features, out["logit_scale"], index, out.get("logit_bias"))
+        return {"loss": sum(losses.values()), **losses}
+
+    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict:
+        with self.precision.autocast(self.device):
+            out = self.model(images, texts)
+            self.timer.lap("forward")
+            losses = self._losses(out, out["image_features"], out["text_features"], index)
+        self.timer.lap("objective")
+        self.stepper.backward(losses["loss"])
+        return losses
+
+    def _accumulated_forward_backward(self, inputs: list[tuple[torch.Tensor, ...]]) -> dict:
+        """open_clip's gradient accumulation: the loss of the whole accumulated batch, its gradient
+        computed one micro-batch at a time.
+
+        A first pass without gradient embeds every micro-batch; then each micro-batch is embedded again
+        with gradient, its features put in place of its cached ones, and the loss over all of them
+        back-propagated. The sum of these backward passes is the gradient of the accumulated batch's
+        loss. Under DDP the gradients are all-reduced once, in the last backward.
+        """
+        with torch.no_grad(), self.precision.autocast(self.device):
+            cached = [self.model(images, texts) for images, texts, _ in inputs]
+        index = torch.cat([i for _, _, i in inputs])
+        features = {key: [out[key] for out in cached] for key in ("image_features", "text_features")}
+        self.timer.lap("forward")
+        for j, (images, texts, _) in enumerate(inputs):
+            last = j == len(inputs) - 1
+            with self._gradient_sync(last):
+                with self.precision.autocast(self.device):
+                    out = self.model(images, texts)
+                    mixed = {k: torch.cat(parts[:j] + [out[k]] + parts[j + 1:]) for k, parts in features.items()}
+                    losses = self._losses(out, mixed["image_features"], mixed["text_features"], index)
+                self.stepper.backward(losses["loss"])
+        self.timer.lap("objective")
+        return losses
+
+    def _gradient_sync(self, enabled: bool):
+        """DDP's no_sync for all but the last micro-batch; nothing to do without DDP."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return contextlib.nullcontext() if enabled or no_sync is None else no_sync()
 
     def _gradient_norm(self) -> torch.Tensor:
         """The total gradient norm (clipping to --grad-clip-norm when set), a device tensor."""
@@ -117,11 +171,16 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
         return torch.nn.utils.get_total_norm([p.grad for p in parameters])
 
+    def steps_per_epoch(self, batches_per_epoch: int) -> int:
+        """Optimizer steps in an epoch of `batches_per_epoch` batches: one per `accum_freq` batches."""
+        return batches_per_epoch // self.accum_freq
+
     def train_epoch(self, loader: Iterable[dict], progress: Progress, steps_per_epoch: int, total_steps: int,
                     hook: StepHook | None = None) -> bool:
         """Train the rest of epoch `progress.epoch` (from `progress.step_in_epoch`), advancing `progress`.
 
-        Returns False when `hook` ended the epoch early. The loader yields the epoch's remaining batches.
+        Returns False when `hook` ended the epoch early. The loader yields the epoch's remaining batches,
+        `accum_freq` of them per step.
         """
         self.model.train()
         self.objective.on_epoch_start(progress.epoch)
@@ -130,13 +189,13 @@ class Trainer:
         window_start = time.perf_counter()
         window_steps = 0
         self.timer.start()
-        for batch in loader:
+        for batches in _groups(loader, self.accum_freq):
             if progress.step_in_epoch >= steps_per_epoch:
                 break
             self.set_learning_rates(progress.global_step)
-            losses = self.train_step(batch)
-            batch_size = batch["image"].shape[0]
-            skipped += int(batch.get("skipped", 0))
+            losses = self.train_step(batches)
+            batch_size = sum(batch["image"].shape[0] for batch in batches)
+            skipped += sum(int(batch.get("skipped", 0)) for batch in batches)
             progress.step()
             window_steps += 1
             last = progress.step_in_epoch == steps_per_epoch
@@ -160,12 +219,13 @@ class Trainer:
         values.update({
             "epoch": progress.epoch,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "logit_scale": float(unwrap(self.model).logit_scale.detach().exp()),
             "samples_per_second": samples_per_s,
             "samples_per_second_per_rank": samples_per_s / self.world_size,
             "skipped_samples": skipped,
             "non_finite_steps": int(self.guard.total),
         })
+        if self.objective.learns_model_temperature:  # a frozen one is either unused or the objective's tau
+            values["logit_scale"] = float(unwrap(self.model).logit_scale.detach().exp())
         phases = self.timer.reset()
         if phases:
             values.update({f"time_{k}": v / window_steps for k, v in phases.items()})
@@ -175,11 +235,12 @@ class Trainer:
         eta = format_duration((total_steps - progress.global_step) * step_time)
         terms = " ".join(f"{k}: {values[k]:.5g}" for k in losses)
         extra = " ".join(f"{k}: {v:.4g}" for k, v in objective_values.items())
+        scale = f"Logit Scale: {values['logit_scale']:.3f} " if "logit_scale" in values else ""
         timing = " ".join(f"{k}: {1000 * values['time_' + k]:.1f}ms" for k in PHASES if "time_" + k in values)
         self.logger.info(
             f"Train Epoch: {progress.epoch} [{seen:>{len(str(total))}}/{total} ({100 * step_in_epoch / steps_per_epoch:.0f}%)] "
             f"Step time: {step_time:.3f}s, {samples_per_s:.1f} samples/s, {samples_per_s / self.world_size:.1f}/s/rank "
-            f"LR: {values['lr']:.6g} Logit Scale: {values['logit_scale']:.3f} {terms} {extra} "
+            f"LR: {values['lr']:.6g} {scale}{terms} {extra} "
             f"Skipped: {skipped} Non-finite steps: {values['non_finite_steps']} ETA: {eta} {timing}".rstrip()
         )
         if self.metrics is not None:

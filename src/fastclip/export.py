@@ -22,7 +22,7 @@ import safetensors.torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 
 from fastclip.checkpoint.files import CheckpointError, load, model_state, write_atomic
-from fastclip.models import ModelBundle, build_model, register_model_configs
+from fastclip.models import ModelBundle, ModelOptions, build_model, register_model_configs
 
 
 class ExportError(ValueError):
@@ -45,6 +45,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, model: str | None
     name = model or saved.get("config", {}).get("model")
     if not name:
         raise ExportError(f"{checkpoint} records no model name: pass --model NAME (the run's --model)")
+    _refuse_changed_architecture(checkpoint, saved.get("config", {}))
     model_cfg = _model_config(name)
     bundle = build_model(name)
     try:
@@ -74,6 +75,16 @@ def _check_output(out: Path, force: bool) -> None:
         raise ExportError(f"{out} is a file: choose a folder name for OUT")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} is not empty: choose another OUT, or pass --force to overwrite the model in it")
+
+
+def _refuse_changed_architecture(checkpoint: Path | str, config: dict) -> None:
+    """The export writes the named model's config: a run whose flags changed the architecture (--force-*,
+    --siglip's logit bias) would not load from it, so say so instead of writing a broken folder."""
+    options = ModelOptions.from_args(argparse.Namespace(**config))
+    changed = options.forced() + (["--siglip"] if options.init_logit_bias is not None else [])
+    if changed:
+        raise ExportError(f"{checkpoint} was trained with {' '.join(changed)}, which changes the model's "
+                          "architecture; export writes the unchanged config of --model and cannot describe it")
 
 
 def _model_config(name: str) -> dict:

@@ -92,13 +92,16 @@ class SkippingStep:
     On CUDA (and whenever fp16 needs loss scaling) the step goes through a `torch.amp.GradScaler`:
     its unscale finds non-finite gradients on the device and the fused AdamW skips itself on that flag.
     The scale stays at 1 unless fp16 loss scaling is on. On the CPU reading a flag costs nothing, so the
-    step is simply not called, and no scaler pass over the gradients is spent.
+    step is simply not called, and no scaler pass over the gradients is spent. Float16 weights
+    (`float16_weights`) have float16 gradients, which a GradScaler cannot unscale: their step is checked
+    on the host, as on the CPU.
     """
 
-    def __init__(self, device: torch.device, loss_scaling: bool) -> None:
+    def __init__(self, device: torch.device, loss_scaling: bool, float16_weights: bool = False) -> None:
         self.loss_scaling = loss_scaling
+        usable = not float16_weights and (loss_scaling or device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if loss_scaling else 1.0) \
-            if loss_scaling or device.type == "cuda" else None
+            if usable else None
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()

@@ -11,15 +11,20 @@ from pathlib import Path
 LOGGER_NAME = "fastclip"
 
 
-def setup_logging(log_file: Path | None, rank: int, level: int = logging.INFO) -> logging.Logger:
-    """Rank 0 logs INFO to stdout and the run's out.log; other ranks log warnings only."""
+def setup_logging(log_file: Path | None, rank: int, level: int = logging.INFO, local_rank: int = 0,
+                  log_local: bool = False) -> logging.Logger:
+    """Rank 0 logs INFO to stdout and the run's out.log; other ranks log warnings only. With `log_local`
+    (--log-local) the first rank of every node logs too, to out-RANK.log beside out.log."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.propagate = False
-    logger.setLevel(level if rank == 0 else logging.WARNING)
+    logs = rank == 0 or (log_local and local_rank == 0)
+    logger.setLevel(level if logs else logging.WARNING)
     formatter = logging.Formatter(f"%(asctime)s | rank {rank} | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and rank == 0:
+    if log_file is not None and logs:
+        if rank != 0:
+            log_file = log_file.with_name(f"{log_file.stem}-{rank}{log_file.suffix}")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
@@ -49,10 +54,22 @@ def _require(module: str, package: str):
         raise SystemExit(f"error: --report-to {package} needs the {package} package: pip install {package}") from err
 
 
-class MetricsSink:
-    """Writes training metrics to metrics.jsonl, and to tensorboard / wandb when asked and installed."""
+# our metrics.jsonl names -> open_clip_train's tensorboard / wandb names (after the "train/" prefix)
+OPEN_CLIP_NAMES = {"logit_scale": "scale", "samples_per_second_per_rank": "samples_per_second_per_gpu"}
 
-    def __init__(self, run_dir: Path, report_to: list[str], config: dict, enabled: bool) -> None:
+
+def board_tag(key: str) -> str:
+    """The tensorboard / wandb tag of a training metric: open_clip_train's `train/<name>`, so dashboards
+    and scripts made for open_clip runs read ours."""
+    return "train/" + OPEN_CLIP_NAMES.get(key, key)
+
+
+class MetricsSink:
+    """Writes training metrics to metrics.jsonl (plain names), and to tensorboard / wandb when asked and
+    installed (open_clip's `train/...` tags)."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], config: dict, enabled: bool,
+                 wandb_project: str = "open-clip", wandb_notes: str = "") -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
@@ -67,18 +84,19 @@ class MetricsSink:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         if "wandb" in report_to:
             self.wandb = _require("wandb", "wandb")
-            self.wandb.init(name=run_dir.name, config=config, dir=str(run_dir))
+            self.wandb.init(project=wandb_project, notes=wandb_notes, name=run_dir.name, config=config,
+                            dir=str(run_dir))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         append_jsonl(self.path, {"step": step, **values})
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                if self.tensorboard is not None:
-                    self.tensorboard.add_scalar(key, value, step)
+        tagged = {board_tag(key): value for key, value in values.items() if isinstance(value, (int, float))}
+        if self.tensorboard is not None:
+            for tag, value in tagged.items():
+                self.tensorboard.add_scalar(tag, value, step)
         if self.wandb is not None:
-            self.wandb.log(values, step=step)
+            self.wandb.log(tagged, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:

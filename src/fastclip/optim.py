@@ -1,4 +1,5 @@
-"""AdamW with open_clip's parameter groups, plus a separate group for a learnable global temperature."""
+"""open_clip's parameter groups, plus a separate group for a learnable global temperature, under AdamW
+or any timm optimizer (`--opt timm/NAME`, as open_clip_train)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ def build_optimizer(
     eps: float,
     temperature_lr: float | None = None,
     fused: bool = False,
-) -> torch.optim.AdamW:
+    opt: str = "adamw",
+    momentum: float | None = None,
+) -> torch.optim.Optimizer:
     """Groups: 'decay' (weights), 'no_decay' (gains, biases), and 'temperature' (logit_scale).
 
     With `temperature_lr` None the logit_scale sits in 'no_decay' and follows the model lr (OpenCLIP);
     otherwise it gets its own group with that lr (FastCLIP's --lr_tau). A frozen logit_scale
     (requires_grad False) is left out entirely. `fused` (GPUs): one kernel per step, and a grad
-    scaler skips a non-finite step inside it, without a host synchronisation.
+    scaler skips a non-finite step inside it, without a host synchronisation. `opt` 'timm/NAME' builds
+    timm's optimizer NAME over the same groups (betas, eps and `momentum` where it takes them).
     """
     groups: dict[str, list[torch.Tensor]] = {"decay": [], "no_decay": [], "temperature": []}
     for name, param in model.named_parameters():
@@ -43,8 +47,16 @@ def build_optimizer(
         param_groups.append(
             {"name": "temperature", "params": groups["temperature"], "weight_decay": 0.0, "lr": temperature_lr}
         )
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=betas, eps=eps,
-                             fused=fused or None)
+    param_groups = [g for g in param_groups if g["params"]]
+    if opt.lower() == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if not opt.lower().startswith("timm/"):
+        raise ValueError(f"--opt {opt}: use adamw or timm/NAME (a timm optimizer, e.g. timm/lamb)")
+    from timm.optim import create_optimizer_v2
+
+    extra = {} if momentum is None else {"momentum": momentum}
+    return create_optimizer_v2(param_groups, opt[len("timm/"):], lr=lr, weight_decay=weight_decay, eps=eps,
+                               betas=betas, **extra)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

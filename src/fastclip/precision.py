@@ -1,4 +1,19 @@
-"""What `--precision` means on the device at hand."""
+"""What `--precision` means on the device at hand: open_clip_train's names, each with one meaning.
+
+| name | weights | inputs | autocast | loss scaling |
+|---|---|---|---|---|
+| fp32 | float32 | float32 | none | no |
+| amp | float32 | float32 | float16 | yes (GradScaler) |
+| amp_bf16, amp_bfloat16 | float32 | float32 | bfloat16 | no |
+| bf16, fp16 | open_clip's low-precision weights (LayerNorm, logit scale in float32) | that type | none | no |
+| pure_bf16, pure_fp16 | every parameter in that type | that type | none | no |
+
+This is open_clip_train's table, on the CPU too: `amp` there is float16 autocast with a CPU GradScaler,
+as the name says (and slow: the start-up log says so). `auto` is float32 on the CPU and amp (bf16
+where supported) on a GPU. Weights stored in float16 cannot go through a GradScaler (it refuses to
+unscale float16 gradients), so bf16/fp16/pure_* train without loss scaling, as in open_clip_train.
+The objectives compute their sums in float32 whatever the precision (`losses.functional`).
+"""
 
 from __future__ import annotations
 
@@ -7,35 +22,74 @@ from dataclasses import dataclass
 
 import torch
 
+PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+_LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class PrecisionError(ValueError):
+    """A precision the device at hand cannot run; the message says what to pick instead."""
+
 
 @dataclass(frozen=True)
 class Precision:
     name: str
     autocast_dtype: torch.dtype | None  # None: no autocast
-    model_dtype: str  # open_clip's create_model precision: fp32, bf16 or fp16 (pure low precision)
-    grad_scaler: bool  # fp16 autocast needs loss scaling
+    model_dtype: str  # open_clip's create_model precision: fp32, bf16, fp16, pure_bf16 or pure_fp16
+    grad_scaler: bool  # float16 autocast needs loss scaling
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The type images are cast to before the model (the type of its low-precision weights)."""
+        return _LOW[self.model_dtype.removeprefix("pure_")] if self.model_dtype != "fp32" else torch.float32
+
+    @property
+    def float16_weights(self) -> bool:
+        """Weights stored in float16, whose gradients a GradScaler refuses to unscale."""
+        return self.model_dtype in ("fp16", "pure_fp16")
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
+    def describe(self) -> str:
+        """One line for the log and params.json: what this precision does on this run."""
+        if self.model_dtype == "fp32":
+            weights = "float32 weights"
+        elif self.model_dtype.startswith("pure_"):
+            weights = f"all weights {_TYPE_NAMES[self.input_dtype]}"
+        else:
+            weights = f"{_TYPE_NAMES[self.input_dtype]} weights (LayerNorm and logit scale float32)"
+        compute = f"{_TYPE_NAMES[self.autocast_dtype]} autocast" if self.autocast_dtype else "no autocast"
+        scaling = "loss scaling" if self.grad_scaler else "no loss scaling"
+        return f"{self.name}: {weights}, {_TYPE_NAMES[self.input_dtype]} inputs, {compute}, {scaling}"
+
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """`auto` is float32 on CPU (CPU autocast is many times slower) and amp on GPU, bf16 where supported."""
+    """The Precision `name` stands for on `device`; PrecisionError where the device cannot run it."""
     if name == "auto":
         if device.type != "cuda":
             name = "fp32"
         else:
             name = "amp_bf16" if torch.cuda.is_bf16_supported() else "amp"
+    if "bf16" in name and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(f"--precision {name}: this GPU has no bfloat16 support; use amp (float16 autocast "
+                             "with loss scaling) or fp32")
     if name == "fp32":
         return Precision(name, None, "fp32", False)
     if name == "amp":
-        if device.type == "cuda":
-            return Precision(name, torch.float16, "fp32", True)
-        return Precision(name, torch.bfloat16, "fp32", False)  # CPU autocast supports bf16 only
+        return Precision(name, torch.float16, "fp32", True)
     if name in ("amp_bf16", "amp_bfloat16"):
         return Precision(name, torch.bfloat16, "fp32", False)
-    if name in ("bf16", "fp16"):
+    if name in ("bf16", "fp16", "pure_bf16", "pure_fp16"):
         return Precision(name, None, name, False)
-    raise ValueError(f"unknown precision {name!r}")
+    raise PrecisionError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def slow_on_device(precision: Precision, device: torch.device) -> str | None:
+    """Why `precision` will be slow on `device`, for a start-up warning; None when it is not."""
+    if device.type == "cpu" and precision.autocast_dtype is not None:
+        return (f"--precision {precision.name} runs {_TYPE_NAMES[precision.autocast_dtype]} autocast on the CPU, "
+                "many times slower than fp32 there (the CPU default): use --precision fp32 unless you mean it")
+    return None

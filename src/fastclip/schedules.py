@@ -27,21 +27,24 @@ def const_lr(base_lr: float, warmup_steps: int, total_steps: int, step: int) -> 
 
 
 def const_cooldown_lr(
-    base_lr: float, warmup_steps: int, total_steps: int, step: int, cooldown_steps: int, end_lr: float = 0.0
+    base_lr: float, warmup_steps: int, total_steps: int, step: int, cooldown_steps: int, end_lr: float = 0.0,
+    power: float = 1.0,
 ) -> float:
-    """Linear warmup, constant, then a linear cooldown to `end_lr` over the last `cooldown_steps`."""
+    """Linear warmup, constant, then a cooldown to `end_lr` over the last `cooldown_steps`: the distance to
+    `end_lr` shrinks as (1 - t) ** `power` (linear at power 1), as open_clip's --lr-cooldown-power."""
     start_cooldown = total_steps - cooldown_steps
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if step < start_cooldown or cooldown_steps <= 0:
         return base_lr
     progress = min((step - start_cooldown) / cooldown_steps, 1.0)
-    return base_lr + (end_lr - base_lr) * progress
+    return end_lr + (base_lr - end_lr) * (1.0 - progress) ** power
 
 
 @dataclass
 class LrSchedule:
-    """The model learning rate at a global step, by `--lr-scheduler` (cosine, const, const-cooldown)."""
+    """The model learning rate at a global step, by `--lr-scheduler` (cosine, const, const-cooldown), or
+    'none' (`--skip-scheduler`): the base rate from the first step, no warmup, as open_clip_train."""
 
     kind: str
     base_lr: float
@@ -49,15 +52,19 @@ class LrSchedule:
     total_steps: int
     cooldown_steps: int = 0
     end_lr: float = 0.0
+    cooldown_power: float = 1.0
 
     def __call__(self, step: int) -> float:
+        if self.kind == "none":
+            return self.base_lr
         if self.kind == "cosine":
             return cosine_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
         if self.kind == "const":
             return const_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
         if self.kind == "const-cooldown":
             return const_cooldown_lr(
-                self.base_lr, self.warmup_steps, self.total_steps, step, self.cooldown_steps, self.end_lr
+                self.base_lr, self.warmup_steps, self.total_steps, step, self.cooldown_steps, self.end_lr,
+                self.cooldown_power,
             )
         raise ValueError(f"unknown lr scheduler {self.kind!r}: use cosine, const or const-cooldown")
 

@@ -24,10 +24,10 @@ def silence_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
-def version_name(fastclip: bool, temperature_scheme: str, multiply_tau: bool) -> str:
+def version_name(fastclip: bool, temperature_scheme: str, multiply_tau: bool, siglip: bool = False) -> str:
     """The paper's name of the objective the flags select (README, "Training")."""
     if not fastclip:
-        return "OpenCLIP"
+        return "SigLIP" if siglip else "OpenCLIP"
     if multiply_tau:
         return "FastCLIP-v3"
     return {"global_learnable": "FastCLIP-v0", "global_constant": "FastCLIP-v1",

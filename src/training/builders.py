@@ -28,10 +28,12 @@ from fastclip.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.losses.openclip import OpenCLIPObjective
-from fastclip.models import ModelBundle, build_model
+from fastclip.losses.siglip import SigLIPObjective
+from fastclip.models import ModelBundle, ModelOptions, build_model
 from fastclip.optim import build_optimizer
-from fastclip.precision import Precision, resolve_precision
+from fastclip.precision import Precision, PrecisionError, resolve_precision, slow_on_device
 from fastclip.progress import Progress
+from fastclip.remote_sync import RemoteSync, RemoteSyncError, check_remote, fetch_checkpoints, remote_run_dir
 from fastclip.run_control import RunControl, SavePolicy
 from fastclip.runlock import RunFolderBusy, RunLock
 from fastclip.schedules import LrSchedule, TauLrSchedule
@@ -50,39 +52,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, env: DistEnv, sync_batch_norm: bool = False,
+             static_graph: bool = False) -> torch.nn.Module:
     """DDP without device_ids on CPU (a CPU device id fails); buffers are broadcast every step only
-    when some change in training (batch norm statistics), not for constant ones like attention masks."""
+    when some change in training (batch norm statistics), not for constant ones like attention masks.
+    `sync_batch_norm` (--use-bn-sync) and `static_graph` (--ddp-static-graph) as in open_clip_train."""
+    if sync_batch_norm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [env.device] if env.device.type == "cuda" else None
     has_running_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=has_running_stats)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=has_running_stats,
+                                                     static_graph=static_graph)
 
 
 def build_trainer(args: argparse.Namespace, env: DistEnv, model: torch.nn.Module, objective: Objective,
-                  precision: Precision, steps_per_epoch: int, metrics: MetricsSink | None = None) -> Trainer:
-    """Optimizer, schedules over `args.epochs` epochs of `steps_per_epoch`, DDP and compile around `model`."""
+                  precision: Precision, batches_per_epoch: int, metrics: MetricsSink | None = None) -> Trainer:
+    """Optimizer, schedules over `args.epochs` epochs of `batches_per_epoch` // --accum-freq steps, DDP and
+    compile around `model`."""
+    steps_per_epoch = batches_per_epoch // args.accum_freq
     if not objective.learns_model_temperature:
         model.logit_scale.requires_grad_(False)
     tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
     optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr,
-                                fused=env.device.type == "cuda")
+                                fused=env.device.type == "cuda", opt=args.opt, momentum=args.momentum)
     total_steps = steps_per_epoch * args.epochs
     cooldown_steps = (args.epochs_cooldown or 0) * steps_per_epoch
-    lr_schedule = LrSchedule(args.lr_scheduler, args.lr, args.warmup, total_steps, cooldown_steps, args.lr_cooldown_end)
+    lr_schedule = LrSchedule("none" if args.skip_scheduler else args.lr_scheduler, args.lr, args.warmup, total_steps,
+                             cooldown_steps, args.lr_cooldown_end, args.lr_cooldown_power)
     tau_schedule = TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, total_steps)
     if env.distributed:
-        model = wrap_ddp(model, env)
+        model = wrap_ddp(model, env, args.use_bn_sync, args.ddp_static_graph)
     if args.torchcompile:
         model = torch.compile(model)
     return Trainer(
         model=model, objective=objective, optimizer=optimizer, lr_schedule=lr_schedule, tau_schedule=tau_schedule,
         precision=precision, device=env.device, world_size=env.world_size, grad_clip_norm=args.grad_clip_norm,
         log_every_n_steps=args.log_every_n_steps, profile=args.profile, metrics=metrics,
-        max_bad_steps=args.max_bad_steps,
+        max_bad_steps=args.max_bad_steps, accum_freq=args.accum_freq,
     )
 
 
 def build_objective(args: argparse.Namespace, env: DistEnv) -> Objective:
+    if args.siglip:
+        return SigLIPObjective(env.rank, env.world_size, args.loss_dist_impl)
     if not args.fastclip:
         return OpenCLIPObjective(args.local_loss, args.gather_with_grad, env.rank, env.world_size)
     config = FastCLIPConfig(
@@ -165,11 +177,44 @@ def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
         raise
 
 
+def start_remote_sync(args: argparse.Namespace, env: DistEnv, run_dir: Path, stack: contextlib.ExitStack) -> None:
+    """--remote-sync: rank 0 checks the remote, copies its checkpoints onto a disk that has none (a job
+    restarted elsewhere, --resume latest), then mirrors the run folder until `stack` closes, with a
+    last sync then. Every rank waits for the fetch, and stops with rank 0's error."""
+    if not args.remote_sync:
+        return
+    error = None
+    if env.is_master:
+        remote = remote_run_dir(args.remote_sync, args.name)
+        error = check_remote(remote, args.remote_sync_protocol)
+        if error is None and args.resume == "latest":
+            try:
+                fetched = fetch_checkpoints(remote, run_dir, args.remote_sync_protocol)
+            except RemoteSyncError as failure:
+                error = str(failure)
+            else:
+                if fetched:
+                    logger.info("--remote-sync: fetched %d checkpoints from %s (%s)", len(fetched), remote,
+                                ", ".join(fetched))
+        if error is None:
+            syncer = RemoteSync(run_dir, remote, args.remote_sync_protocol, args.remote_sync_frequency)
+            syncer.start()
+            stack.callback(syncer.close)
+            logger.info("--remote-sync: mirroring %s to %s every %d s", run_dir, remote, args.remote_sync_frequency)
+    error = control.broadcast_from_master(None if error is None else f"error: --remote-sync: {error}")
+    if error is not None:
+        raise SystemExit(error)
+
+
 def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitStack) -> Run:
     run_dir, previous_holder = prepare_run_dir(args, env, stack)
-    setup_logging(run_dir / "out.log", env.rank, logging.DEBUG if args.debug else logging.INFO)
+    setup_logging(run_dir / "out.log", env.rank, logging.DEBUG if args.debug else logging.INFO, env.local_rank,
+                  args.log_local)
+    if env.rendezvous:
+        logger.info("%s", env.rendezvous)
     if previous_holder is not None:
         logger.info("took over the lock of %s, which no longer runs", previous_holder)
+    start_remote_sync(args, env, run_dir, stack)
     resolve_auto_sizes(args, env)
     if env.is_master:
         removed = files.remove_leftovers(run_dir / "checkpoints")
@@ -179,11 +224,15 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
     silence_known_warnings()
     cpu_threads = configure_cpu_threads(env.device, args.workers)
     seed_everything(args.seed)  # identical initial weights on every rank
-    precision = resolve_precision(args.precision, env.device)
+    precision = effective_precision(args, env.device)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype, args.pretrained,
-                         args.grad_checkpointing)
+    try:
+        options = ModelOptions.from_args(args)
+        bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype, args.pretrained,
+                             args.grad_checkpointing, options)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     data = build_data(args, env, bundle)  # fills the sizes a CSV leaves open
     if env.is_master:
         save_params(args, run_dir)
@@ -192,11 +241,12 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
         return Run(args, env, run_dir, bundle, precision, data, None, None, None, stack)
     objective = build_objective(args, env)
     metrics = stack.enter_context(contextlib.closing(
-        MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master)))
+        MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master, wandb_project=args.wandb_project_name,
+                    wandb_notes=args.wandb_notes)))
     trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
     parts = StatefulParts(trainer.model, trainer.optimizer, trainer.stepper, objective,
                           trainer.guard, data.train, extra={"name": args.name, "config": plain_config(args)})
-    checkpointer = Checkpointer(run_dir / "checkpoints", parts)
+    checkpointer = Checkpointer(run_dir / "checkpoints", parts, trainer.steps_per_epoch(len(data.train)))
     policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,
                         args.save_every_n_steps, args.save_every_minutes)
     signals = stack.enter_context(StopSignals())
@@ -214,15 +264,30 @@ def log_startup_summary(args: argparse.Namespace, env: DistEnv, run_dir: Path, b
         return
     state = objective.per_sample if objective is not None else None
     logger.info("%s", format_summary(RunFacts(
-        version=version_name(args.fastclip, args.temperature_scheme, args.multiply_tau),
+        version=version_name(args.fastclip, args.temperature_scheme, args.multiply_tau, args.siglip),
         world_size=env.world_size, local_ranks=local_ranks(os.environ), device=str(env.device),
-        precision=precision.name, model=args.model, parameters=sum(p.numel() for p in bundle.model.parameters()),
+        precision=precision.describe(), model=args.model, parameters=sum(p.numel() for p in bundle.model.parameters()),
         batch_size=args.batch_size, steps_per_epoch=steps_per_epoch, epochs=args.epochs, stop_epochs=args.stop_epochs,
         data_size=args.data_size if isinstance(args.data_size, int) else None,
         state_bytes_per_sample=state.columns * state.table.element_size() if state is not None else 0,
         state_rows_per_rank=state.rows if state is not None else 0,
         cpu_threads=cpu_threads, output=str(run_dir.resolve()), paths_relative_to=args.paths_relative_to,
     )))
+
+
+def effective_precision(args: argparse.Namespace, device: torch.device) -> Precision:
+    """--precision on this device, recorded in the flags (params.json, checkpoints) as `precision_effective`;
+    a precision the device cannot run stops the run with the reason."""
+    try:
+        precision = resolve_precision(args.precision, device)
+    except PrecisionError as error:
+        raise SystemExit(f"error: {error}") from None
+    args.precision_effective = precision.describe()
+    logger.info("precision %s", args.precision_effective)
+    slow = slow_on_device(precision, device)
+    if slow:
+        logger.warning("%s", slow)
+    return precision
 
 
 def plain_config(args: argparse.Namespace) -> dict:

@@ -25,13 +25,13 @@ def train_and_evaluate(run: Run) -> dict:
         unwrap(run.model).load_state_dict(files.model_state(checkpoint))
         logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
         return run.evaluate(Progress(epoch=int(checkpoint["epoch"]), global_step=int(checkpoint["step"])), path)
+    steps_per_epoch = run.trainer.steps_per_epoch(len(run.data.train))
     progress, restored = run.checkpointer.restore(candidates, explicit)
     if progress.epoch >= args.stop_epochs:
         logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,
                     args.stop_epochs)
         return run.evaluate(progress, restored)
     metrics: dict = {}
-    steps_per_epoch = len(run.data.train)
     for epoch in range(progress.epoch, args.stop_epochs):
         if progress.step_in_epoch == 0:  # a resumed epoch restored its RNG states and data position
             seed_everything(args.seed + env.rank + 7919 * epoch)

@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from training.builders import build_run  # open_clip and the rest of the library
         from training.loop import train_and_evaluate
 
-        env = init_distributed(args.device, args.dist_backend, args.dist_url, timeout_s=round(60 * args.dist_timeout))
+        env = init_distributed(args.device, args.dist_backend, args.dist_url, timeout_s=round(60 * args.dist_timeout),
+                               set_device_rank=not args.no_set_device_rank)
         run = build_run(args, env)
         try:
             logger.info("model %s, from %s", args.model, args.model_source)

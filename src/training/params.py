@@ -11,6 +11,7 @@ resumes without `--model` takes the model its checkpoint records (`apply_model`)
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 from pathlib import Path
@@ -20,8 +21,9 @@ from fastclip.summary import version_name
 from training.paths import rebase_relative_paths
 
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
-PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 DEFAULT_MODEL = "RN50"
+DEFAULT_TEMPERATURE, SIGLIP_TEMPERATURE, SIGLIP_LOGIT_BIAS = 0.07, 0.1, -10.0  # open_clip_train's SigLIP init
 # The smallest value of each numeric flag, and what that value means where it means something special.
 MINIMUM = {
     "batch_size": (1, ""), "workers": (0, " (0: load in the training process)"), "epochs": (0, " (0: evaluate only)"),
@@ -31,7 +33,8 @@ MINIMUM = {
     "save_every_n_steps": (0, " (0: off)"), "save_every_minutes": (0, " (0: off)"), "max_bad_steps": (1, ""),
     "zeroshot_frequency": (0, " (0: after the last epoch only)"),
     "val_frequency": (0, " (0: after the last epoch only)"),
-    "log_every_n_steps": (1, ""),
+    "log_every_n_steps": (1, ""), "accum_freq": (1, " (1: no accumulation)"),
+    "remote_sync_frequency": (1, ""), "lock_image_unlocked_groups": (0, ""), "lock_text_unlocked_layers": (0, ""),
 }
 POSITIVE = ("lr", "eps", "grad_clip_norm", "fastclip_eps", "dist_timeout")
 AUTO = "auto"  # --train-num-samples / --data_size: counted from the --train-data shards when the run starts
@@ -56,6 +59,23 @@ class _Parser(argparse.ArgumentParser):
                 spellings.append(other)
         kwargs.setdefault("dest", flag[2:].replace("-", "_"))
         self.add_argument(*spellings, **kwargs)
+
+
+class _KeyValues(argparse.Action):
+    """`--aug-cfg scale='(0.5, 1)' color_jitter=0.4`: a dict, each value a Python literal where it parses
+    as one, else the string (open_clip_train's convention)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parsed = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string} takes KEY=VALUE pairs, got {item!r}")
+            try:
+                parsed[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed[key] = value
+        setattr(namespace, self.dest, parsed)
 
 
 def _count_or_auto(text: str) -> int | str:
@@ -106,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--zeroshot-classnames", type=str, default=None,
           help="file with one class name per line, in the sorted order of the --imagenet-val sub-folders "
                "(default: open_clip's ImageNet names for the 1000 synsets, else the folder names)")
+    p.add("--dataset-resampled", action="store_true",
+          help="webdataset: every worker draws shards with replacement (seeded), instead of passes over them")
+    p.add("--train-data-upsampling-factors", type=str, default=None,
+          help="with --dataset-resampled and '::'-joined --train-data sources: how often each source's shards are "
+               "drawn, relative to each other, e.g. '1::2'")
     p.add("--workers", type=int, default=4,
           help="DataLoader worker processes per rank (0: load in the training process)")
     p.add("--batch-size", type=int, default=64,
@@ -118,14 +143,40 @@ def build_parser() -> argparse.ArgumentParser:
                f"{DEFAULT_MODEL})")
     p.add("--pretrained", type=str, default=None,
           help="open_clip pretrained tag (e.g. openai) or weights file to start from (default: random weights)")
-    p.add("--temperature", type=float, default=0.07,
+    p.add("--temperature", type=float, default=None,
           help="initial temperature tau in (0, 1] (logit_scale = log(1/tau)); FastCLIP-v2 starts every "
-               "per-sample tau here")
+               "per-sample tau here (default: 0.07; 0.1 with --siglip, open_clip's SigLIP logit scale log(10))")
     p.add("--grad-checkpointing", action="store_true",
           help="recompute activations in the backward pass (open_clip's set_grad_checkpointing): less memory, "
                "more compute")
     p.add("--torchcompile", action="store_true",
           help="compile the model with torch.compile: a slower start, faster steps")
+    p.add("--cache-dir", type=str, default=None, help="where open_clip downloads pretrained weights and tokenizers")
+    p.add("--pretrained-image", action="store_true",
+          help="ImageNet-pretrained weights for the image tower where open_clip has them (timm towers)")
+    p.add("--lock-image", action="store_true", help="freeze the image tower (open_clip's lock_image_tower)")
+    p.add("--lock-image-unlocked-groups", type=int, default=0,
+          help="--lock-image: leave the last N layer groups of the image tower trainable")
+    p.add("--lock-image-freeze-bn-stats", action="store_true",
+          help="--lock-image: keep the locked layers' BatchNorm statistics frozen")
+    p.add("--lock-text", action="store_true", help="freeze the text tower (open_clip's lock_text_tower)")
+    p.add("--lock-text-unlocked-layers", type=int, default=0,
+          help="--lock-text: leave the last N layers of the text tower trainable")
+    p.add("--lock-text-freeze-layer-norm", action="store_true",
+          help="--lock-text: keep the locked layers' LayerNorm parameters frozen")
+    p.add("--image-mean", type=float, nargs="+", default=None, help="override the model's image mean (1 or 3 values)")
+    p.add("--image-std", type=float, nargs="+", default=None, help="override the model's image std (1 or 3 values)")
+    p.add("--image-interpolation", choices=("bicubic", "bilinear", "random"), default=None,
+          help="override the model's resize interpolation")
+    p.add("--image-resize-mode", choices=("shortest", "longest", "squash"), default=None,
+          help="override the model's evaluation resize (and crop) mode")
+    p.add("--aug-cfg", nargs="*", default={}, action=_KeyValues,
+          help="training augmentation, open_clip's AugmentationCfg as KEY=VALUE pairs (e.g. scale='(0.5, 1.0)')")
+    p.add("--force-image-size", type=int, nargs="+", default=None, help="override the model's image size")
+    p.add("--force-context-length", type=int, default=None, help="override the model's text context length")
+    p.add("--force-quick-gelu", action="store_true", help="QuickGELU activations (as OpenAI's weights need)")
+    p.add("--force-patch-dropout", type=float, default=None, help="override the ViT patch dropout rate")
+    p.add("--force-custom-text", action="store_true", help="build the model as open_clip's CustomTextCLIP")
 
     # optimisation
     p.add("--epochs", type=int, default=32,
@@ -149,13 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--grad-clip-norm", type=float, default=None,
           help="clip the gradients' global L2 norm to this value (default: no clipping)")
     p.add("--precision", choices=PRECISIONS, default="auto",
-          help="auto: fp32 on CPU, amp (bf16 if supported) on GPU; amp*: autocast with fp32 weights; bf16, fp16: "
-               "weights in that type")
+          help="auto: fp32 on CPU, amp_bf16 (amp without bf16 support) on GPU; amp: float16 autocast with loss "
+               "scaling (on the CPU too, slowly); amp_bf16: bfloat16 autocast; bf16, fp16: open_clip's low-"
+               "precision weights (LayerNorm float32), inputs in that type; pure_bf16, pure_fp16: every weight "
+               "in that type. FastCLIP's sums and per-sample state stay float32")
+    p.add("--accum-freq", type=int, default=1,
+          help="one optimizer step per N batches, with the gradient of the loss over all N (open_clip's "
+               "feature-caching accumulation; OpenCLIP and SigLIP, not --fastclip)")
+    p.add("--opt", type=str, default="adamw",
+          help="adamw, or timm/NAME for a timm optimizer (e.g. timm/lamb) over the same parameter groups")
+    p.add("--momentum", type=float, default=None, help="momentum of a timm optimizer that takes one (--opt timm/sgd)")
+    p.add("--skip-scheduler", action="store_true",
+          help="no learning-rate schedule: --lr from the first step, no warmup (the temperature's schedule stays)")
+    p.add("--lr-cooldown-power", type=float, default=1.0,
+          help="const-cooldown: the cooldown's power (1: linear, as (1 - t) ** power)")
 
     # loss
     p.add("--local-loss", action="store_true", help="OpenCLIP: local-batch logits against gathered features")
     p.add("--gather-with-grad", action="store_true", help="OpenCLIP: back-propagate through the all-gather")
     p.add("--fastclip", action="store_true", help="train with a FastCLIP global contrastive objective")
+    p.add("--siglip", action="store_true",
+          help="train with open_clip's SigLIP (sigmoid) loss; the model gets a learnable logit bias (init -10) "
+               "and logit scale log(10), unless --temperature is given")
+    p.add("--loss-dist-impl", choices=("bidir", "shift", "reduce", "gather"), default=None,
+          help="--siglip: how ranks exchange features (open_clip's SigLipLoss dist_impl; default bidir)")
     p.add("--temperature_scheme", choices=TEMPERATURE_SCHEMES, default="global_learnable",
           help="FastCLIP temperature: global_learnable (v0; v3 with --multiply_tau), global_constant (v1), "
                "individual_learnable (v2: one learnable tau per sample)")
@@ -203,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--report-to", type=str, default="",
           help="also report training metrics to tensorboard and/or wandb (comma-separated); metrics.jsonl is "
                "always written")
+    p.add("--wandb-project-name", type=str, default="open-clip", help="the wandb project (--report-to wandb)")
+    p.add("--wandb-notes", type=str, default="", help="notes of the wandb run")
+    p.add("--log-local", action="store_true",
+          help="the first rank of every node logs (to out.log, or out-RANK.log on other nodes), not only rank 0")
+    p.add("--remote-sync", type=str, default=None,
+          help="also keep a copy of the run folder at REMOTE/NAME (an s3:// path, any fsspec URL or a folder); "
+               "--resume latest fetches its checkpoints when the local folder has none")
+    p.add("--remote-sync-frequency", type=int, default=300, help="seconds between two syncs to --remote-sync")
+    p.add("--remote-sync-protocol", choices=("s3", "fsspec"), default="s3",
+          help="s3: the aws CLI's `aws s3 sync`; fsspec: copy new or changed files with fsspec")
     p.add("--profile", action="store_true", help="time the phases of every step and log them")
     p.add("--debug", action="store_true", help="full tracebacks instead of one-line errors, and debug log lines")
 
@@ -213,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--dist-url", type=str, default="env://",
           help="rendezvous of the process group; env:// reads MASTER_ADDR and MASTER_PORT (127.0.0.1:29500 "
                "when unset)")
+    p.add("--use-bn-sync", action="store_true", help="synchronise BatchNorm statistics over ranks (SyncBatchNorm)")
+    p.add("--ddp-static-graph", action="store_true", help="DDP's static_graph optimisation")
+    p.add("--no-set-device-rank", action="store_true",
+          help="use cuda:0 on every rank (when the launcher gives each process its own CUDA_VISIBLE_DEVICES)")
     p.add("--dist-timeout", type=float, default=30.0,
           help="minutes a rank waits for the others in a collective before the run exits (code 76)")
     return p
@@ -252,6 +334,9 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, dest)
         if value is not None and not 0.0 <= value < 1.0:
             _fail(f"{_flag(dest)} must be in [0, 1), got {value}")
+    if args.temperature is None:
+        args.temperature = SIGLIP_TEMPERATURE if args.siglip else DEFAULT_TEMPERATURE
+    args.init_logit_bias = SIGLIP_LOGIT_BIAS if args.siglip else None
     if not math.isfinite(args.temperature) or not 0.0 < args.temperature <= 1.0:
         _fail(f"--temperature must be in (0, 1], got {args.temperature}")
 
@@ -292,7 +377,30 @@ def _validate_fastclip_only(args: argparse.Namespace) -> None:
               "(OpenCLIP learns one global temperature)")
 
 
+def _validate_options(args: argparse.Namespace) -> None:
+    """Flags that only mean something together with another: name the missing one instead of ignoring them."""
+    if args.train_data_upsampling_factors and not args.dataset_resampled:
+        _fail("--train-data-upsampling-factors weighs the sources of resampled shards: add --dataset-resampled")
+    if args.lock_image_unlocked_groups and not args.lock_image:
+        _fail("--lock-image-unlocked-groups leaves part of a locked image tower trainable: add --lock-image")
+    if args.lock_image_freeze_bn_stats and not args.lock_image:
+        _fail("--lock-image-freeze-bn-stats applies to a locked image tower: add --lock-image")
+    if (args.lock_text_unlocked_layers or args.lock_text_freeze_layer_norm) and not args.lock_text:
+        _fail("--lock-text-unlocked-layers / --lock-text-freeze-layer-norm apply to a locked text tower: add --lock-text")
+    if args.momentum is not None and not args.opt.lower().startswith("timm/"):
+        _fail("--momentum is for timm optimizers (--opt timm/NAME); AdamW has betas (--beta1, --beta2)")
+    if args.loss_dist_impl and not args.siglip:
+        _fail("--loss-dist-impl chooses how SigLIP exchanges features: add --siglip")
+    if args.siglip and (args.local_loss or args.gather_with_grad):
+        _fail("--siglip exchanges features between neighbouring ranks itself: drop --local-loss / --gather-with-grad")
+
+
 def _validate_fastclip(args: argparse.Namespace) -> None:
+    if args.siglip:
+        _fail("--siglip and --fastclip are two different objectives: pick one")
+    if args.accum_freq > 1:
+        _fail("--accum-freq with --fastclip would update the per-sample estimators u several times in one step "
+              "(the reference asserts accum_freq == 1): drop it; FastCLIP is made for small batches")
     if args.gather_with_grad:
         _fail("--fastclip computes its gradient without a collective in backward; drop --gather-with-grad")
     if not 0.0 < args.gamma <= 1.0:
@@ -315,7 +423,7 @@ def _validate_fastclip(args: argparse.Namespace) -> None:
 
 def _default_name(args: argparse.Namespace, model: str) -> str:
     lr = args.lr if args.lr is not None else _model_optimizer_defaults(model)["lr"]
-    loss = "fastclip" if args.fastclip else "openclip"
+    loss = "fastclip" if args.fastclip else ("siglip" if args.siglip else "openclip")
     return "-".join([model.replace("/", "-"), loss, f"b{args.batch_size}", f"lr{lr}", f"s{args.seed}"])
 
 
@@ -353,6 +461,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         _fail("--train-data needs --train-num-samples: N, or auto to count the shards once "
               "(python -m fastclip.data.index)")
     _validate_task(args)
+    _validate_options(args)
     if args.fastclip:
         _validate_fastclip(args)
     else:

@@ -14,6 +14,7 @@ checksums) and used only when every rank could read its part; otherwise all rank
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 from dataclasses import dataclass, field
@@ -73,7 +74,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, checkpoint_dir: Path, parts: StatefulParts) -> None:
+    """Saves and restores `parts`; `steps_per_epoch` (this run's) is recorded, and a checkpoint written
+    with another number of steps per epoch (other ranks, batch size or --accum-freq) is resumed at the
+    same point of training measured in epochs (`rescale`)."""
+
+    def __init__(self, checkpoint_dir: Path, parts: StatefulParts, steps_per_epoch: int | None = None) -> None:
+        self.steps_per_epoch = steps_per_epoch
         self.dir = checkpoint_dir
         self.parts = parts
 
@@ -136,6 +142,7 @@ class Checkpointer:
             "epoch": progress.epoch,
             "step": progress.global_step,
             "step_in_epoch": progress.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
             "world_size": comm.world_size(),
             "state_dict": weights,
             "optimizer": parts.optimizer.state_dict(),
@@ -195,6 +202,14 @@ class Checkpointer:
         parts.objective.load_state_dict(checkpoint["objective"])
         parts.guard.load_state_dict(checkpoint.get("guard", {}))
         progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
+        saved = saved_steps_per_epoch(checkpoint)
+        if self.steps_per_epoch is not None and saved is not None and saved != self.steps_per_epoch:
+            progress = rescale(progress, saved, self.steps_per_epoch)
+            logger.warning("%s was written with %d steps per epoch (%s ranks), this run has %d: it continues at "
+                           "the same point of training, epoch %d + %d/%d steps (global step %d), and its schedules "
+                           "span %d steps per epoch", path, saved, checkpoint.get("world_size", "?"),
+                           self.steps_per_epoch, progress.epoch, progress.step_in_epoch, self.steps_per_epoch,
+                           progress.global_step, self.steps_per_epoch)
         self._restore_rank_state(checkpoint, progress)
         logger.info("resumed from %s at epoch %d, step %d (%d into the epoch)", path, progress.epoch,
                     progress.global_step, progress.step_in_epoch)
@@ -219,6 +234,34 @@ class Checkpointer:
                 self.parts.loader.load_state_dict(mine["data"])
             except ValueError as err:
                 logger.warning("data position not restored (%s)", err)
+
+
+def saved_steps_per_epoch(checkpoint: dict) -> int | None:
+    """The steps per epoch of the run that wrote `checkpoint`: recorded, or (older checkpoints) implied by
+    its global step after whole epochs, or by its flags; None when nothing tells."""
+    if checkpoint.get("steps_per_epoch"):
+        return int(checkpoint["steps_per_epoch"])
+    epoch, step, in_epoch = int(checkpoint["epoch"]), int(checkpoint["step"]), int(checkpoint.get("step_in_epoch", 0))
+    if epoch > 0:
+        return (step - in_epoch) // epoch
+    config = checkpoint.get("config", {})
+    if all(isinstance(config.get(k), int) for k in ("train_num_samples", "batch_size")) and checkpoint.get("world_size"):
+        return math.ceil(config["train_num_samples"] / (config["batch_size"] * int(checkpoint["world_size"])))
+    return None
+
+
+def rescale(progress: Progress, saved_steps_per_epoch: int, steps_per_epoch: int) -> Progress:
+    """The same point of training on a run with `steps_per_epoch` steps per epoch.
+
+    Progress is measured in epochs: `epoch` whole ones plus the fraction step_in_epoch / saved steps
+    of the next. That fraction becomes round(fraction x steps_per_epoch) steps of the new epoch (a
+    whole epoch when it rounds up to all of them), and the global step is epochs x steps_per_epoch
+    plus those steps, so schedules over epochs x steps_per_epoch steps end where they would have.
+    """
+    in_epoch = round(progress.step_in_epoch * steps_per_epoch / saved_steps_per_epoch)
+    epoch = progress.epoch + in_epoch // steps_per_epoch
+    in_epoch %= steps_per_epoch
+    return Progress(epoch, in_epoch, epoch * steps_per_epoch + in_epoch)
 
 
 def _write_error(path: Path, error: OSError) -> str:

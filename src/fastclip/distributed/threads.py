@@ -41,9 +41,10 @@ def _expand_tasks_per_node(value: str) -> list[int]:
 
 
 def local_ranks(env: Mapping[str, str]) -> int:
-    """Ranks on this node, from torchrun's or slurm's variables; 1 without a launcher."""
-    if "LOCAL_WORLD_SIZE" in env:
-        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    """Ranks on this node, from torchrun's, slurm's or mpirun's variables; 1 without a launcher."""
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if env.get(name):
+            return max(1, int(env[name]))
     if "SLURM_PROCID" not in env:
         return 1
     if env.get("SLURM_NTASKS_PER_NODE"):

@@ -14,7 +14,8 @@ class Objective(Protocol):
 
     `__call__` returns named loss terms whose sum is differentiated; every term is a scalar tensor.
     `logit_scale` is the model's output (exp of its parameter, i.e. 1 / tau), `index` the samples'
-    dataset indices (int64, local batch). Collectives run inside `__call__` and `state_dict` only, and
+    dataset indices (int64, local batch), `logit_bias` the model's learnable bias where it has one
+    (SigLIP), else None. Collectives run inside `__call__` and `state_dict` only, and
     every rank calls them in the same order.
     """
 
@@ -28,6 +29,7 @@ class Objective(Protocol):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         index: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]: ...
 
     def on_epoch_start(self, epoch: int) -> None: ...

@@ -26,7 +26,7 @@ from ..distributed import comm
 from ..schedules import gamma_at_epoch
 from ..state import ShardedState
 from . import functional as fn
-from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme
+from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme, tau_summary
 
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
 
@@ -130,6 +130,7 @@ class FastCLIPObjective:
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         index: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         dtype = fn.compute_dtype(image_features)
         with fn.full_precision(image_features.device):
@@ -171,16 +172,17 @@ class FastCLIPObjective:
         loss2 = fn.weighted_sum(diffs2, all_shift, mask2).sum(dim=0).mean() * world / (m - 1)
 
         loss = (loss1 + loss2) / 2
-        self._last_tau = new.get("tau", tau).detach().mean()
+        self._last_tau = _split_fields(all_new, self.fields).get("tau", tau).detach()
         if not cfg.multiply_tau:
             return {"fastclip_loss": loss}
         mean_log_u = self.average.log_u(estimate.fields).sum(dim=0).mean() / 2
         return {"fastclip_loss": model_tau.detach() * loss, "tau_loss": model_tau * (cfg.rho + mean_log_u)}
 
     def log_values(self) -> dict[str, float]:
-        """gamma and the mean temperature of the last step (the model's tau, or the batch's v2 taus)."""
-        tau = self.config.temperature if self._last_tau is None else self._last_tau.item()
-        return {"gamma": self.gamma, "tau": tau}
+        """gamma and the temperature of the last step: the model's tau, or for v2 the mean, min, median
+        and max of the global batch's per-sample taus and the share of them at the 0.01 floor."""
+        taus = torch.tensor(self.config.temperature) if self._last_tau is None else self._last_tau
+        return {"gamma": self.gamma, **tau_summary(taus)}
 
     @property
     def per_sample(self) -> ShardedState:

@@ -32,6 +32,7 @@ class OpenCLIPObjective:
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         index: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
             self._count_traffic(image_features, text_features)

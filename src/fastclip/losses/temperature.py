@@ -114,3 +114,14 @@ class IndividualTemperature:
 
     def gathered_tau(self, shared: list[torch.Tensor], model_tau: torch.Tensor, m: int) -> torch.Tensor:
         return shared[0].T
+
+
+def tau_summary(taus: torch.Tensor) -> dict[str, float]:
+    """Log values of a step's temperatures: the value of a global tau; for per-sample taus (v2) also
+    min / median / max and the share at the TAU_MIN floor, which shows whether they have collapsed."""
+    values = taus.detach().float().flatten()
+    summary = {"tau": float(values.mean())}
+    if values.numel() > 1:
+        summary.update(tau_min=float(values.min()), tau_median=float(values.median()), tau_max=float(values.max()),
+                       tau_at_floor=float((values <= TAU_MIN * (1 + 1e-6)).float().mean()))
+    return summary
