@@ -141,7 +141,9 @@ class Trainer:
         A first pass without gradient embeds every micro-batch; then each micro-batch is embedded again
         with gradient, its features put in place of its cached ones, and the loss over all of them
         back-propagated. The sum of these backward passes is the gradient of the accumulated batch's
-        loss. Under DDP the gradients are all-reduced once, in the last backward.
+        loss: each micro-batch's features get theirs, and the logit scale (and bias), which every pass
+        sees, only in the last (open_clip_train adds it once per micro-batch, N times too much). Under
+        DDP the gradients are all-reduced once, in the last backward.
         """
         with torch.no_grad(), self.precision.autocast(self.device):
             cached = [self.model(images, texts) for images, texts, _ in inputs]
@@ -154,6 +156,8 @@ class Trainer:
                 with self.precision.autocast(self.device):
                     out = self.model(images, texts)
                     mixed = {k: torch.cat(parts[:j] + [out[k]] + parts[j + 1:]) for k, parts in features.items()}
+                    if not last:  # the logit scale (and bias) get their gradient once, not once per micro-batch
+                        out = {k: v.detach() if k not in mixed and torch.is_tensor(v) else v for k, v in out.items()}
                     losses = self._losses(out, mixed["image_features"], mixed["text_features"], index)
                 self.stepper.backward(losses["loss"])
         self.timer.lap("objective")

@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from fastclip.data.coverage import coverage_report
 from fastclip.data.csv import CsvTable
 from fastclip.data.index import ShardIndexError, build_index
 from fastclip.data.loader import (
@@ -52,8 +53,16 @@ def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> D
                     args.train_num_samples, args.data_size)
         train = build_csv_train_loader(table, num_samples=args.train_num_samples, data_size=args.data_size, **common)
     elif args.dataset_type == "webdataset" and args.train_data:
-        train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
-                                   **common)
+        try:
+            train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
+                                       dataset_resampled=args.dataset_resampled,
+                                       train_data_upsampling_factors=args.train_data_upsampling_factors, **common)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        if env.is_master and not args.dataset_resampled:
+            warning = coverage_report(len(train.dataset.shards), env.world_size, args.workers, train.num_samples)
+            if warning:
+                logger.warning("%s", warning)
     elif args.dataset_type == "synthetic":
         size = unwrap(bundle.model).visual.image_size
         train = build_synthetic_loader(args.train_num_samples, image_size=size if isinstance(size, int) else size[0],

@@ -379,6 +379,9 @@ def _validate_fastclip_only(args: argparse.Namespace) -> None:
 
 def _validate_options(args: argparse.Namespace) -> None:
     """Flags that only mean something together with another: name the missing one instead of ignoring them."""
+    if args.dataset_resampled and args.dataset_type != "webdataset":
+        _fail(f"--dataset-resampled draws webdataset shards with replacement; --dataset-type {args.dataset_type} "
+              "has none: drop it")
     if args.train_data_upsampling_factors and not args.dataset_resampled:
         _fail("--train-data-upsampling-factors weighs the sources of resampled shards: add --dataset-resampled")
     if args.lock_image_unlocked_groups and not args.lock_image:

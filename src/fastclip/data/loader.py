@@ -6,6 +6,11 @@ A `SlotDataset` turns the sample stream of a slot into batches; `ShardTrainDatas
 slot's share of the shards (`shards.py`) of pass 0, 1, 2, ..., each pass through a shuffle buffer
 seeded from (seed, epoch, slot, pass) that is flushed at the end of the pass; `CsvTrainDataset`'s is
 the slot's every S-th row of a permutation of a CSV's rows (`csv.py`) seeded from (seed, epoch, pass).
+A resampled `ShardTrainDataset` (open_clip's --dataset-resampled) has no passes: its stream is draw 0,
+1, 2, ... of the slot, each one whole shard drawn with replacement (seeded from (seed, epoch, slot,
+draw), weighted by the upsampling factors: `shards.py`) through a shuffle buffer seeded from (seed,
+epoch, slot, draw) and flushed at the end of the shard; a sample drawn twice is expected, and in the
+per-sample state the last copy of a step's global batch wins (`state.py`).
 A slot's stream is infinite and every rank stops after ceil(num_samples / (batch_size * K)) batches
 (open_clip's convention), so all ranks run the same number of steps even when their shards hold
 different numbers of samples. Batch i of a rank comes from its local slot i % W (DataLoader round robin).
@@ -15,15 +20,17 @@ collated with the torch, python and numpy global RNGs seeded from (seed, epoch, 
 afterwards (with W = 0 the main process's RNG, hence the model's, is left as it was), so its tensors
 depend only on its samples and (seed, epoch, s, j). A slot's position after a batch is (pass, items
 taken from the pass's shuffled raw-sample stream, undecodable ones included, batches the slot produced
-this epoch); batches leave the worker with their slot and position, which `TrainLoader` strips,
-recording per slot the position of the last batch it yielded. `state_dict()` is the rank's position
-(plain ints); after `load_state_dict()` the next iteration of that epoch yields the remaining batches
-exactly: each slot regenerates its pass's shard order, slot assignment and seeded shuffle buffer, reads
-the raw tar samples and drops the first `taken` items of the shuffled stream undecoded (skips met on the
-way were counted before the checkpoint: they are neither logged nor counted again), and the DataLoader's
-round robin is rotated so that worker w serves local slot (batches + w) % W. Loading needs the same
-rank, number of ranks, worker slots per rank (workers 0 and 1 both mean one), batch size and seed, or
-raises `IncompatiblePosition`; a loaded position applies to its epoch only, the next starts from scratch.
+this epoch); in a resampled stream, (draw, items taken from the draw's shuffled shard, batches).
+Batches leave the worker with their slot and position, which `TrainLoader` strips, recording per slot
+the position of the last batch it yielded. `state_dict()` is the rank's position (plain ints); after
+`load_state_dict()` the next iteration of that epoch yields the remaining batches exactly: each slot
+regenerates its pass's shard order, slot assignment and seeded shuffle buffer (a resampled slot its
+draw's shard and shuffle buffer: it reads one shard again), reads the raw tar samples and drops the
+first `taken` items of the shuffled stream undecoded (skips met on the way were counted before the
+checkpoint: they are neither logged nor counted again), and the DataLoader's round robin is rotated so
+that worker w serves local slot (batches + w) % W. Loading needs the same rank, number of ranks, worker
+slots per rank (workers 0 and 1 both mean one), batch size, seed and resampling mode, or raises
+`IncompatiblePosition`; a loaded position applies to its epoch only, the next starts from scratch.
 
 Validation stream: every sample once over all ranks, unshuffled, split over the global worker slots
 as one unshuffled training pass would be. Each sample carries its 'order' in the set (shard
@@ -59,7 +66,15 @@ from .samples import (
     seeded_rngs,
 )
 from .csv import CsvTable
-from .shards import expand_shards, read_shard, shard_order, slot_assignment
+from .shards import (
+    draw_probabilities,
+    drawn_shard,
+    expand_shards,
+    expand_sources,
+    read_shard,
+    shard_order,
+    slot_assignment,
+)
 
 MAX_EMPTY_PASSES = 5
 VAL_ORDER_STRIDE = 2**32  # a validation sample's order: shard number * stride + position in the shard
@@ -75,7 +90,8 @@ class IncompatiblePosition(ValueError):
 
 class SlotPosition(NamedTuple):
     """A slot's stream after a batch: `taken` items of pass `pass_index`'s shuffled raw-sample stream
-    (undecodable ones included) are used up, and the slot has produced `batches` batches this epoch."""
+    (undecodable ones included) are used up, and the slot has produced `batches` batches this epoch.
+    In a resampled stream `pass_index` is the slot's shard draw and `taken` counts items of that shard."""
 
     pass_index: int = 0
     taken: int = 0
@@ -135,11 +151,13 @@ def fast_forward(items: Iterator[T], count: int, skips: SkipLog, where: str) -> 
 class SlotDataset(IterableDataset):
     """Training batches built inside a DataLoader worker from the sample stream of its global slot.
 
-    Subclasses define `pass_samples`, one pass over a slot's share; `stream` chains the passes. `epoch`
-    is read when a loader starts its workers, so setting it between epochs is enough. Batches carry
-    their 'slot' and 'position' (the slot's `SlotPosition` after them) for `TrainLoader`, which strips
-    them; `starting_at` gives the copy that continues from positions.
+    Subclasses define `pass_samples`, one pass over a slot's share (or one draw, if `resampled`);
+    `stream` chains them. `epoch` is read when a loader starts its workers, so setting it between
+    epochs is enough. Batches carry their 'slot' and 'position' (the slot's `SlotPosition` after them)
+    for `TrainLoader`, which strips them; `starting_at` gives the copy that continues from positions.
     """
+
+    resampled = False  # True: a stream of shard draws, whose positions count draws (`SlotPosition`)
 
     def __init__(
         self, preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
@@ -164,6 +182,10 @@ class SlotDataset(IterableDataset):
         """The error when a slot's share yields no usable sample pass after pass (instead of waiting forever)."""
         return f"worker slot {slot} of {num_slots} found no usable sample in {passes} passes"
 
+    def hopeless(self) -> bool:
+        """Whether `MAX_EMPTY_PASSES` passes in a row without a usable sample mean there will be none."""
+        return True
+
     def stream(self, slot: int, num_slots: int, skips: SkipLog,
                start: SlotPosition) -> Iterator[tuple[int, int, Sample]]:
         """(pass, items taken from the pass so far, sample) of a slot, continuing after `start`."""
@@ -176,7 +198,7 @@ class SlotDataset(IterableDataset):
                     used = True
                     yield pass_index, taken, sample
             empty_passes = 0 if used else empty_passes + 1
-            if empty_passes == MAX_EMPTY_PASSES:
+            if empty_passes >= MAX_EMPTY_PASSES and self.hopeless():
                 raise DataError(self.nothing_usable(slot, num_slots, empty_passes))
 
     def starting_at(self, start: Sequence[SlotPosition], rotation: int) -> SlotDataset:
@@ -206,18 +228,29 @@ class SlotDataset(IterableDataset):
 
 
 class ShardTrainDataset(SlotDataset):
-    """The infinite, reshuffled training stream of the module docstring."""
+    """The infinite, reshuffled training stream of the module docstring; resampled when given
+    `draw_probabilities` (one per shard, `shards.draw_probabilities`)."""
 
     def __init__(self, shards: Sequence[str], *args: Any, data_size: int | None = None,
-                 shuffle_buffer: int = 1000, **kwargs: Any) -> None:
+                 shuffle_buffer: int = 1000, draw_probabilities: np.ndarray | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shards, self.data_size, self.shuffle_buffer = list(shards), data_size, shuffle_buffer
+        self.probabilities = draw_probabilities
+        self.resampled = draw_probabilities is not None
+        self._found_usable = False  # a resampled slot's proof that some drawable shard has a usable sample
+
+    def _share(self, slot: int, num_slots: int, pass_index: int) -> list[tuple[str, int, int]]:
+        """(shard, part, parts) a slot reads in a pass: its part of the pass's shard order, or when
+        resampled the one shard of draw `pass_index`."""
+        if self.resampled:
+            drawn = drawn_shard(self.probabilities, self.seed, self.epoch, slot, pass_index)
+            return [(self.shards[drawn], 0, 1)]
+        return slot_assignment(shard_order(self.shards, self.seed, self.epoch, pass_index), slot, num_slots)
 
     def _raw_pass(self, slot: int, num_slots: int, pass_index: int, skips: SkipLog) -> Iterator[dict[str, Any]]:
-        """A slot's raw (undecoded) samples of one pass, through the pass's seeded shuffle buffer."""
-        order = shard_order(self.shards, self.seed, self.epoch, pass_index)
+        """A slot's raw (undecoded) samples of one pass (or draw), through its seeded shuffle buffer."""
         raw = (sample
-               for url, part, parts in slot_assignment(order, slot, num_slots)
+               for url, part, parts in self._share(slot, num_slots, pass_index)
                for position, sample in enumerate(read_shard(url, skips)) if position % parts == part)
         rng = derive_rng(self.seed, self.epoch, SAMPLE_STREAM, pass_index, slot)
         return shuffled(raw, rng, self.shuffle_buffer)
@@ -225,10 +258,31 @@ class ShardTrainDataset(SlotDataset):
     def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
                      skips: SkipLog) -> Iterator[Sample | None]:
         items = self._raw_pass(slot, num_slots, pass_index, skips)
-        fast_forward(items, offset, skips, f"pass {pass_index} of worker slot {slot}")
+        unit = "draw" if self.resampled else "pass"
+        fast_forward(items, offset, skips, f"{unit} {pass_index} of worker slot {slot}")
         return (decode_sample(item, self.data_size, skips) for item in items)
 
+    def hopeless(self) -> bool:
+        """A resampled slot can draw a damaged shard many times in a row by chance: it gives up only when
+        no shard it can draw holds a usable sample (read up to the first one, once per worker)."""
+        if not self.resampled:
+            return True
+        if not self._found_usable:
+            self._found_usable = self._any_usable_sample()
+        return not self._found_usable
+
+    def _any_usable_sample(self) -> bool:
+        skips = SkipLog()
+        with skips.muted():  # the draws log and count their skips themselves
+            return any(decode_sample(raw, self.data_size, skips) is not None
+                       for url, probability in zip(self.shards, self.probabilities) if probability > 0
+                       for raw in read_shard(url, skips))
+
     def nothing_usable(self, slot: int, num_slots: int, passes: int) -> str:
+        if self.resampled:
+            return (f"worker slot {slot} of {num_slots} drew {passes} shards in a row without a usable sample, and "
+                    f"none of the {np.count_nonzero(self.probabilities)} shards it draws from holds one: fix the "
+                    "shards (see the skip warnings)")
         return (f"worker slot {slot} of {num_slots} found no usable sample in {passes} passes over its share of "
                 f"{len(self.shards)} shards: fix the shards (see the skip warnings) or use fewer ranks x workers "
                 "than there are samples per shard")
@@ -352,11 +406,15 @@ class TrainLoader:
         return self.num_batches
 
     def state_dict(self) -> dict:
-        """This rank's position after the last batch yielded (the start of the epoch before the first)."""
+        """This rank's position after the last batch yielded (the start of the epoch before the first).
+
+        A resampled stream's position also says "resampled": True; without the key a position is of
+        passes, as all positions written before resampling existed."""
         d = self.dataset
-        return {"epoch": d.epoch, "batches": self._batches, "rank": d.rank, "world_size": d.world_size,
-                "workers": self.workers, "batch_size": d.batch_size, "seed": d.seed,
-                "slots": [list(position) for position in self._positions]}
+        state = {"epoch": d.epoch, "batches": self._batches, "rank": d.rank, "world_size": d.world_size,
+                 "workers": self.workers, "batch_size": d.batch_size, "seed": d.seed,
+                 "slots": [list(position) for position in self._positions]}
+        return {**state, "resampled": True} if d.resampled else state
 
     def load_state_dict(self, state: dict) -> None:
         """The next iteration yields the rest of `state`'s epoch, exactly as if never interrupted."""
@@ -379,6 +437,9 @@ class TrainLoader:
             return f"written with batch size {state['batch_size']}, now {d.batch_size}"
         if state["seed"] != d.seed:
             return f"written with seed {state['seed']}, now {d.seed}"
+        if state.get("resampled", False) != d.resampled:
+            then, now = ("without", "with") if d.resampled else ("with", "without")
+            return f"written {then} --dataset-resampled, now {now} it (shard draws and passes differ)"
         if not 0 <= state["batches"] <= self.num_batches:
             return f"is after {state['batches']} batches, but an epoch now has {self.num_batches}"
         return None
@@ -426,17 +487,28 @@ def build_train_loader(
     data_size: int | None = None,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    dataset_resampled: bool = False,
+    train_data_upsampling_factors: str | Sequence[float] | None = None,
 ) -> TrainLoader:
     """The training loader of one rank: ceil(num_samples / (batch_size * world_size)) batches per epoch.
 
     `data_size` given: every sample must carry a key in [0, data_size) (the per-sample state index).
+    `dataset_resampled`: every worker slot draws shards with replacement (module docstring), weighted by
+    `train_data_upsampling_factors` ('f1::f2::...' or numbers), one factor per '::'-joined source of
+    `shards`, which need `dataset_resampled` as in open_clip.
     """
     if num_samples < 1 or workers < 0 or (data_size is not None and data_size < 1):
         raise ValueError(f"need num_samples >= 1, workers >= 0, data_size >= 1; got {num_samples=}, "
                          f"{workers=}, {data_size=}")
+    if train_data_upsampling_factors is not None and not dataset_resampled:
+        raise ValueError("--train-data-upsampling-factors needs --dataset-resampled: the factors weight shards "
+                         "drawn with replacement")
+    sources = expand_sources(shards)
+    probabilities = draw_probabilities(sources, train_data_upsampling_factors) if dataset_resampled else None
     dataset = ShardTrainDataset(
-        expand_shards(shards), preprocess, tokenizer, batch_size, seed=seed, epoch=epoch, rank=rank,
-        world_size=world_size, data_size=data_size, shuffle_buffer=shuffle_buffer,
+        [url for source in sources for url in source], preprocess, tokenizer, batch_size, seed=seed, epoch=epoch,
+        rank=rank, world_size=world_size, data_size=data_size, shuffle_buffer=shuffle_buffer,
+        draw_probabilities=probabilities,
     )
     return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
 

@@ -6,6 +6,12 @@ on all ranks, and shard j of the shuffled list goes to global worker slot j % S.
 slots, the slots that share a shard keep disjoint subsets of its samples (every m-th), so one pass
 never repeats a sample.
 
+Resampling (open_clip's --dataset-resampled): instead of passes, each slot draws shards with
+replacement, draw d of slot s from a generator seeded by (seed, epoch, s, d) alone, so that any draw
+can be repeated without the ones before it. Shard i is drawn with probability proportional to its
+weight: the upsampling factor of the '::'-joined source it belongs to (1 without factors), per shard
+as in open_clip, so a source's share of the draws is its factor times its number of shards.
+
 Bad input. A local shard pattern that matches no file is a `DataError`. A truncated or unreadable
 shard is a counted skip: the samples before the damage are used; the rest of the shard counts as one
 skip since its size is unknown.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import math
 import os
 import tarfile
 import zlib
@@ -24,6 +31,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import braceexpand
+import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -63,11 +71,15 @@ def _expand_pattern(pattern: str) -> list[str]:
     return present
 
 
+def expand_sources(spec: str | Sequence[str]) -> list[list[str]]:
+    """The shard URLs of each source: brace patterns joined by '::' (or a list of them), in order."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    return [_expand_pattern(pattern) for part in parts for pattern in part.split("::")]
+
+
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Shard URLs from brace patterns joined by '::' (or a list of them); see `DataError` for no match."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
-    patterns = [p for part in parts for p in part.split("::")]
-    return [url for pattern in patterns for url in _expand_pattern(pattern)]
+    return [url for source in expand_sources(spec) for url in source]
 
 
 def shard_order(shards: Sequence[str], seed: int, epoch: int, pass_index: int = 0) -> list[str]:
@@ -87,6 +99,37 @@ def slot_assignment(shards: Sequence[str], slot: int, num_slots: int) -> list[tu
         return [(url, 0, 1) for url in shards[slot::num_slots]]
     shared = slot % n
     return [(shards[shared], slot // n, len(range(shared, num_slots, n)))]
+
+
+def _parse_factors(factors: str | Sequence[float]) -> list[float]:
+    words = factors.split("::") if isinstance(factors, str) else list(factors)
+    try:
+        values = [float(word) for word in words]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+        raise ValueError(f"--train-data-upsampling-factors {factors!r}: give numbers >= 0 joined by '::', "
+                         "at least one of them > 0")
+    return values
+
+
+def draw_probabilities(sources: Sequence[Sequence[str]], factors: str | Sequence[float] | None) -> np.ndarray:
+    """Each shard's probability of being drawn: its source's factor over the sum over all shards.
+
+    `factors` ('f1::f2::...' or numbers), one per source of `expand_sources`; None weighs every shard 1.
+    """
+    values = [1.0] * len(sources) if factors is None else _parse_factors(factors)
+    if len(values) != len(sources):
+        raise ValueError(f"--train-data-upsampling-factors gives {len(values)} factors but --train-data has "
+                         f"{len(sources)} '::'-joined sources: give one factor per source")
+    weights = np.array([factor for factor, source in zip(values, sources) for _ in source])
+    return weights / weights.sum()
+
+
+def drawn_shard(probabilities: np.ndarray, seed: int, epoch: int, slot: int, draw: int) -> int:
+    """The shard (a position in the shard list) of draw `draw` of global worker slot `slot`, with replacement."""
+    rng = derive_rng(seed, epoch, SHARD_STREAM, draw, slot)
+    return int(rng.choice(len(probabilities), p=probabilities))
 
 
 # ------------------------------------------------------------------------------------------ tar reading
