@@ -1,10 +1,11 @@
-"""Convergence at small batch: zero-shot top-1 per epoch of OpenCLIP and FastCLIP-v0..v3.
+"""Convergence at small batch: zero-shot top-1 per epoch of OpenCLIP, SigLIP and FastCLIP-v0..v3.
 
 The paper's claim is that FastCLIP's global contrastive losses (moving-average estimators `u` of each
 pair's contrastive denominator) train better than OpenCLIP's mini-batch loss when the batch is small.
-This trains every version with the README's flags at global batch 64 and 256 (one process, so the
-batch is the global batch), several seeds, the same epochs and learning-rate schedule for all
-versions, on two real data sets:
+SigLIP (open_clip_train's `--siglip`: a sigmoid loss per image-text pair, no softmax over the batch)
+is the second baseline. This trains every version with the README's flags, and SigLIP with its own,
+at global batch 64 and 256 (one process, so the batch is the global batch), several seeds, the same
+epochs and learning-rate schedule for all, on two real data sets:
 
 - Fashion-MNIST (the demo data): the first `limit` training and test images (build_demo's `limit`);
 - scikit-learn's handwritten digits (`fastclip.datasets.digits`): 1,297 training pairs, 500 test images.
@@ -15,7 +16,7 @@ zero-shot evaluation per epoch. The report is the final top-1 (mean +- std over 
 (data set, batch, version), the final temperature, and curves (mean with a +-std band) in
 docs/img/convergence_<data set>.png.
 
-    python bench/convergence.py            # the full run: 60 runs, 36 min on 2 shared cores (load 2-8)
+    python bench/convergence.py            # the full run: 72 runs, ~43 min on 2 shared cores (load 2-8)
     python bench/convergence.py --quick    # smoke test (< 2 min): 1 seed, tiny subset, batch 64
 
 Finished runs are kept and reused when the same command is run again (a run is redone when its
@@ -66,6 +67,10 @@ VERSIONS: dict[str, list[str]] = {
     "FastCLIP-v3": ["--local-loss", "--fastclip", "--multiply_tau", "--temperature_scheme", "global_learnable",
                     "--lr_tau", "2e-4", "--lr_tau_scheduler", "step_thresh", "--rho", "6.5"],
 }
+# What this benchmark trains: the baselines first, then FastCLIP's versions. SigLIP stays out of VERSIONS,
+# which bench/fonts.py trains too. `--siglip` also builds the model with a logit bias (-10) and tau 0.1.
+BASELINES: dict[str, list[str]] = {"OpenCLIP": VERSIONS["OpenCLIP"], "SigLIP": ["--siglip"]}
+CONTENDERS: dict[str, list[str]] = {**BASELINES, **VERSIONS}
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def load_dataset(spec: DatasetSpec) -> DemoData:
 
 
 def run_argv(run: Run, data: DemoData, epochs: int, optim: Optim, logs: Path) -> list[str]:
-    """The training command of one run: the version's loss flags on a schedule shared by all versions."""
+    """The training command of one run: the contender's loss flags on a schedule shared by all."""
     steps = math.ceil(data.num_samples / run.batch) * epochs
     return [
         "--train-data", data.train_shards, "--train-num-samples", str(data.num_samples),
@@ -153,7 +158,7 @@ def run_argv(run: Run, data: DemoData, epochs: int, optim: Optim, logs: Path) ->
         "--epochs", str(epochs), "--lr", str(optim.lr), "--wd", str(optim.wd),
         "--warmup", str(max(1, round(optim.warmup_fraction * steps))), "--seed", str(run.seed),
         "--gamma", str(optim.gamma), "--gamma_schedule", "cosine", "--gamma_decay_epochs", str(max(1, epochs // 2)),
-        *VERSIONS[run.version],
+        *CONTENDERS[run.version],
         "--logs", str(logs), "--name", run.name, "--save-frequency", "0", "--log-every-n-steps", "100000",
     ]
 
@@ -162,7 +167,7 @@ def read_result(run: Run, run_dir: Path, epochs: int, seconds: float) -> Result:
     """Curve and final temperature from the run folder's results.jsonl and metrics.jsonl."""
     by_epoch = {r["epoch"]: r[TOP1] for r in read_jsonl(run_dir / "results.jsonl")}
     last = read_jsonl(run_dir / "metrics.jsonl")[-1]
-    tau = last["tau"] if "tau" in last else 1.0 / last["logit_scale"]  # OpenCLIP logs no "tau"
+    tau = last["tau"] if "tau" in last else 1.0 / last["logit_scale"]  # OpenCLIP and SigLIP log no "tau"
     return Result(run, [by_epoch[e] for e in range(1, epochs + 1)], tau, seconds)
 
 
@@ -176,11 +181,11 @@ def run_all(scale: Scale, data: dict[str, DemoData], optim: Optim, logs: Path) -
     """Every (data set, batch, seed, version); versions innermost, so that a machine whose speed drifts
     (shared cores) slows all versions alike, and partial results compare all versions."""
     results = []
-    total = len(scale.datasets) * len(scale.batches) * len(scale.seeds) * len(VERSIONS)
+    total = len(scale.datasets) * len(scale.batches) * len(scale.seeds) * len(CONTENDERS)
     for spec in scale.datasets:
         for batch in scale.batches:
             for seed in scale.seeds:
-                for version in VERSIONS:
+                for version in CONTENDERS:
                     run = Run(spec.name, batch, version, seed)
                     argv = run_argv(run, data[spec.name], spec.epochs, optim, logs)
                     result = train_or_reuse(run, argv, logs / run.name, spec.epochs)
@@ -213,17 +218,17 @@ def summarize(results: list[Result]) -> list[dict]:
 
 
 def accuracy_table(summary: list[dict]) -> str:
-    """Final top-1 in %, one row per (data set, batch), best mean in bold, and v3 minus OpenCLIP."""
+    """Final top-1 in %, one row per (data set, batch), best mean in bold, and v3 minus each baseline."""
     cells = {(s["dataset"], s["batch"], s["version"]): s for s in summary}
     rows = []
     for dataset, batch in dict.fromkeys((s["dataset"], s["batch"]) for s in summary):
-        entries = [cells[dataset, batch, v] for v in VERSIONS]
+        entries = [cells[dataset, batch, v] for v in CONTENDERS]
         best = max(e["top1_mean"] for e in entries)
         shown = [f"{100 * e['top1_mean']:.1f} ± {100 * e['top1_std']:.1f}" for e in entries]
         shown = [f"**{s}**" if e["top1_mean"] == best else s for s, e in zip(shown, entries)]
-        rows.append([dataset, str(batch), *shown, difference(cells[dataset, batch, "FastCLIP-v3"],
-                                                             cells[dataset, batch, "OpenCLIP"])])
-    return markdown_table(["data set", "batch", *VERSIONS, "v3 − OpenCLIP (pp ± s.e.)"], rows)
+        v3 = cells[dataset, batch, "FastCLIP-v3"]
+        rows.append([dataset, str(batch), *shown, *(difference(v3, cells[dataset, batch, b]) for b in BASELINES)])
+    return markdown_table(["data set", "batch", *CONTENDERS, *(f"v3 − {b} (pp ± s.e.)" for b in BASELINES)], rows)
 
 
 def difference(a: dict, b: dict, key: str = "top1", digits: int = 1) -> str:
@@ -234,11 +239,11 @@ def difference(a: dict, b: dict, key: str = "top1", digits: int = 1) -> str:
 
 
 def temperature_table(summary: list[dict]) -> str:
-    """Final tau per version: whether a version's temperature moved explains part of its accuracy."""
+    """Final tau per contender: whether a temperature moved explains part of the accuracy."""
     cells = {(s["dataset"], s["batch"], s["version"]): s for s in summary}
-    rows = [[dataset, str(batch), *(f"{cells[dataset, batch, v]['tau_mean']:.4f}" for v in VERSIONS)]
+    rows = [[dataset, str(batch), *(f"{cells[dataset, batch, v]['tau_mean']:.4f}" for v in CONTENDERS)]
             for dataset, batch in dict.fromkeys((s["dataset"], s["batch"]) for s in summary)]
-    return markdown_table(["data set", "batch", *VERSIONS], rows)
+    return markdown_table(["data set", "batch", *CONTENDERS], rows)
 
 
 def plot_curves(results: list[Result], dataset: str, batches: Sequence[int], path: Path) -> None:
@@ -252,7 +257,7 @@ def plot_curves(results: list[Result], dataset: str, batches: Sequence[int], pat
     groups = group(results)
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False, sharey=True)
     for ax, batch in zip(axes[0], batches):
-        for version in VERSIONS:
+        for version in CONTENDERS:
             curves = [r.curve for r in groups[dataset, batch, version]]
             plot_band(ax, curves, version)
         ax.axhline(CHANCE, color="grey", lw=0.8, ls=":", label="chance")
@@ -272,7 +277,8 @@ def setup_lines(scale: Scale, data: dict[str, DemoData], optim: Optim, threads: 
         f"global batch {', '.join(map(str, scale.batches))}; seeds {', '.join(map(str, scale.seeds))}.",
         f"- Same for every version: AdamW lr {optim.lr:g}, wd {optim.wd:g}, cosine schedule with linear warmup over "
         f"the first {optim.warmup_fraction:.0%} of the steps; FastCLIP `--gamma {optim.gamma:g} --gamma_schedule "
-        "cosine --gamma_decay_epochs E/2`. Temperatures: the README's flags (initial tau 0.07, v2 0.03).",
+        "cosine --gamma_decay_epochs E/2`. Temperatures: the README's flags (initial tau 0.07, v2 0.03); "
+        "SigLIP open_clip_train's (tau 0.1, logit bias -10, both learned).",
     ]
     for spec in scale.datasets:
         d = data[spec.name]
@@ -296,10 +302,11 @@ def report(results: list[Result], scale: Scale, data: dict[str, DemoData], optim
         f"Final zero-shot top-1 (%), mean ± std over seeds:\n\n{accuracy_table(summary)}\n\n"
         f"Final temperature tau (mean over seeds):\n\n{temperature_table(summary)}\n\n{figure_lines}\n"
     )
-    raw = {"scale": asdict(scale), "optim": asdict(optim), "versions": VERSIONS, "threads": threads, "minutes": minutes,
-           "summary": summary, "runs": [{**asdict(r.run), "curve": r.curve, "final_tau": r.final_tau,
-                                         "seconds": r.seconds} for r in results]}
-    return write_report(name, "Convergence at small batch: OpenCLIP vs FastCLIP-v0..v3", body, raw)
+    raw = {"scale": asdict(scale), "optim": asdict(optim), "versions": CONTENDERS, "threads": threads,
+           "minutes": minutes, "summary": summary,
+           "runs": [{**asdict(r.run), "curve": r.curve, "final_tau": r.final_tau, "seconds": r.seconds}
+                    for r in results]}
+    return write_report(name, "Convergence at small batch: OpenCLIP and SigLIP vs FastCLIP-v0..v3", body, raw)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
