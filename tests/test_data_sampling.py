@@ -13,6 +13,7 @@ import pytest
 import torch
 from dense_state import dense_table, load_dense
 from multiprocess import spawn
+from versions import VERSIONS
 from torchvision import transforms
 
 from fastclip.data.coverage import coverage_report, expected_distinct
@@ -242,12 +243,6 @@ def test_coverage_report_is_none_for_an_even_spread_and_advises_otherwise():
 
 # ------------------------------------------------------------------------------ duplicates in a batch
 
-VERSIONS = {
-    "v0": dict(temperature_scheme="global_learnable"),
-    "v1": dict(temperature_scheme="global_constant"),
-    "v2": dict(temperature_scheme="individual_learnable"),
-    "v3": dict(temperature_scheme="global_learnable", multiply_tau=True),
-}
 N, DIM = 16, 5
 FIRST = [3, 7, 1, 8, 0, 5]
 TWICE = [5, 2, 3, 11, 7, 5]  # sample 5 at positions 0 and 5 (on ranks 0 and 1 with K = 2)

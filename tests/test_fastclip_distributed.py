@@ -15,16 +15,11 @@ import torch
 from multiprocess import spawn
 
 from dense_state import dense_table
+from versions import VERSIONS
 from fastclip.distributed import comm
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.models import build_model
 
-VERSIONS = {
-    "v0": dict(temperature_scheme="global_learnable"),
-    "v1": dict(temperature_scheme="global_constant"),
-    "v2": dict(temperature_scheme="individual_learnable"),
-    "v3": dict(temperature_scheme="global_learnable", multiply_tau=True),
-}
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 MODEL = "ViT-Tiny-32px"
 N, M = 16, 6  # data size; global batch (K=2: b=3, K=3: b=2)

@@ -12,16 +12,11 @@ import pytest
 import torch
 
 from dense_state import dense_table, load_dense
+from versions import VERSIONS
 
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.schedules import TauLrSchedule, gamma_at_epoch
 
-VERSIONS = {
-    "v0": dict(temperature_scheme="global_learnable"),
-    "v1": dict(temperature_scheme="global_constant"),
-    "v2": dict(temperature_scheme="individual_learnable"),
-    "v3": dict(temperature_scheme="global_learnable", multiply_tau=True),
-}
 N, DIM = 12, 5
 BATCH_1 = [3, 7, 1, 8, 0, 5]
 BATCH_2 = [5, 2, 3, 11, 7, 4]  # revisits 5, 3, 7; first visits 2, 11, 4
@@ -142,12 +137,24 @@ def test_resume_from_state_dict_is_exact(version):
         make_objective("v0" if version == "v2" else "v2").load_state_dict(first.state_dict())
 
 
-def test_log_values_report_gamma_and_mean_tau():
+def test_log_values_report_gamma_and_the_batchs_tau_spread():
+    """v2: mean, min, median, max of the step's per-sample taus and the share at the 0.01 floor."""
     obj = make_objective("v2")
     obj.on_epoch_start(2)
+    obj.state.table[BATCH_1[:2], obj.columns.index("tau1")] = 0.01  # two at the floor before the step
     run(obj, *features(0), 0.07, BATCH_1)
-    taus = dense_table(obj.state)[BATCH_1][:, [obj.columns.index("tau1"), obj.columns.index("tau2")]]
-    assert obj.log_values() == pytest.approx({"gamma": gamma_at_epoch(2, 0.3, "cosine", 4), "tau": taus.mean().item()})
+    taus = dense_table(obj.state)[BATCH_1][:, [obj.columns.index("tau1"), obj.columns.index("tau2")]].flatten()
+    assert obj.log_values() == pytest.approx({
+        "gamma": gamma_at_epoch(2, 0.3, "cosine", 4), "tau": taus.mean().item(), "tau_min": taus.min().item(),
+        "tau_median": taus.median().item(), "tau_max": taus.max().item(),
+        "tau_at_floor": (taus <= 0.01 + 1e-8).float().mean().item()})
+    assert obj.log_values()["tau_min"] < obj.log_values()["tau_max"]
+
+
+def test_log_values_of_a_global_tau_are_its_value():
+    obj = make_objective("v3")
+    run(obj, *features(0), 0.07, BATCH_1)
+    assert obj.log_values() == pytest.approx({"gamma": 1.0, "tau": 0.07})
 
 
 def test_config_rejects_multiply_tau_without_a_learnable_global_tau():

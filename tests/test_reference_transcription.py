@@ -20,16 +20,11 @@ import torch
 from multiprocess import spawn
 
 from dense_state import dense_table
+from versions import VERSIONS
 from fastclip.distributed import comm
 from fastclip.losses import moving_average, temperature
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 
-VERSIONS = {
-    "v0": dict(temperature_scheme="global_learnable"),
-    "v1": dict(temperature_scheme="global_constant"),
-    "v2": dict(temperature_scheme="individual_learnable"),
-    "v3": dict(temperature_scheme="global_learnable", multiply_tau=True),
-}
 N, M, DIM = 14, 6, 16
 SETTINGS = dict(data_size=N, gamma=0.2, gamma_schedule="cosine", gamma_decay_epochs=3, temperature=0.05,
                 rho=6.5, lr_tau=0.02, beta1=0.9, beta2=0.98, eps=1e-8)

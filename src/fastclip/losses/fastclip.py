@@ -172,7 +172,7 @@ class FastCLIPObjective:
         loss2 = fn.weighted_sum(diffs2, all_shift, mask2).sum(dim=0).mean() * world / (m - 1)
 
         loss = (loss1 + loss2) / 2
-        self._last_tau = _split_fields(all_new, self.fields).get("tau", tau).detach()
+        self._last_tau = _split_fields(all_new, self.fields).get("tau", model_tau).detach()  # v2's, or the global one
         if not cfg.multiply_tau:
             return {"fastclip_loss": loss}
         mean_log_u = self.average.log_u(estimate.fields).sum(dim=0).mean() / 2
