@@ -102,6 +102,7 @@ BASE = ["--dataset-type", "synthetic", "--train-num-samples", "32"]
     (["--lock-image-unlocked-groups", "2"], "add --lock-image"),
     (["--lock-text-unlocked-layers", "1"], "add --lock-text"),
     (["--momentum", "0.9"], "timm optimizers"),
+    (["--opt", "lamb"], "timm/NAME"),
     (["--accum-freq", "0"], "--accum-freq must be >= 1"),
 ])
 def test_flags_that_need_another_fail_in_one_line(flags, message):
@@ -115,3 +116,41 @@ def test_siglip_defaults_follow_open_clip_train():
     assert args.temperature == 0.1 and args.init_logit_bias == -10.0  # logit scale log(10), bias -10
     assert parse_args([*BASE, "--siglip", "--temperature", "0.05"]).temperature == 0.05
     assert parse_args(BASE).temperature == 0.07 and parse_args(BASE).init_logit_bias is None
+
+
+def test_skip_scheduler_and_cooldown_power_follow_open_clip():
+    from fastclip.schedules import LrSchedule
+
+    skipped = LrSchedule("none", 1e-3, warmup_steps=10, total_steps=100)
+    assert [skipped(s) for s in (0, 5, 99)] == [1e-3, 1e-3, 1e-3]  # no warmup, no decay
+    quadratic = LrSchedule("const-cooldown", 1.0, 0, 100, cooldown_steps=40, end_lr=0.1, cooldown_power=2.0)
+    assert quadratic(59) == 1.0
+    assert quadratic(80) == pytest.approx(0.1 + 0.9 * (1 - 20 / 40) ** 2)  # open_clip's (1 - e/es) ** power
+    linear = LrSchedule("const-cooldown", 1.0, 0, 100, cooldown_steps=40, end_lr=0.1)
+    assert linear(80) == pytest.approx(0.55)
+
+
+def test_timm_optimizer_keeps_the_parameter_groups():
+    import torch
+
+    from fastclip.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.logit_scale = torch.nn.Parameter(torch.zeros(()))
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), 1e-6, temperature_lr=1e-4, opt="timm/sgd", momentum=0.8)
+    assert type(optimizer).__module__.startswith(("timm", "torch"))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert (groups["decay"]["weight_decay"], groups["no_decay"]["weight_decay"]) == (0.1, 0.0)
+    assert groups["temperature"]["lr"] == 1e-4 and groups["decay"]["momentum"] == 0.8
+    lamb = build_optimizer(model, 1e-3, 0.1, (0.9, 0.98), 1e-6, opt="timm/lamb")
+    assert type(lamb).__name__ == "Lamb"
+
+
+def test_sync_batch_norm_on_the_cpu_stops_with_the_reason():
+    import torch
+
+    from fastclip.distributed import DistEnv
+    from training.builders import wrap_ddp
+
+    with pytest.raises(SystemExit, match="--use-bn-sync needs GPUs"):
+        wrap_ddp(torch.nn.BatchNorm1d(3), DistEnv(rank=0, world_size=2), sync_batch_norm=True)

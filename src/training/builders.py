@@ -57,6 +57,8 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv, sync_batch_norm: bool = False
     """DDP without device_ids on CPU (a CPU device id fails); buffers are broadcast every step only
     when some change in training (batch norm statistics), not for constant ones like attention masks.
     `sync_batch_norm` (--use-bn-sync) and `static_graph` (--ddp-static-graph) as in open_clip_train."""
+    if sync_batch_norm and env.device.type == "cpu":
+        raise SystemExit("error: --use-bn-sync needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it on the CPU")
     if sync_batch_norm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [env.device] if env.device.type == "cuda" else None
@@ -246,13 +248,14 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
     trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
     parts = StatefulParts(trainer.model, trainer.optimizer, trainer.stepper, objective,
                           trainer.guard, data.train, extra={"name": args.name, "config": plain_config(args)})
-    checkpointer = Checkpointer(run_dir / "checkpoints", parts, trainer.steps_per_epoch(len(data.train)))
+    steps_per_epoch = trainer.steps_per_epoch(len(data.train))
+    checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps_per_epoch)
     policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,
                         args.save_every_n_steps, args.save_every_minutes)
     signals = stack.enter_context(StopSignals())
     run_control = RunControl(checkpointer, policy, signals, trainer.guard)
     stack.callback(run_control.close)
-    log_startup_summary(args, env, run_dir, bundle, precision, len(data.train), objective, cpu_threads)
+    log_startup_summary(args, env, run_dir, bundle, precision, steps_per_epoch, objective, cpu_threads)
     return Run(args, env, run_dir, bundle, precision, data, trainer, checkpointer, run_control, stack)
 
 
