@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark (bench/gpu_bench.py) on a machine with one NVIDIA GPU; about 7 minutes on an H100.
+# GPU checks and benchmark (bench/gpu_bench.py) on a machine with one NVIDIA GPU: every --precision name
+# through the training script, then the step and program measurements; about 8 minutes on an H100.
 # Writes bench/out/gpu.md and bench/out/gpu.json.
 #   bash bench/gpu.sh                                 # open_clip_torch & co already installed
 #   WHEELS=bench/.deps/wheels bash bench/gpu.sh       # install them first from wheels (make_gpu_wheels.sh)

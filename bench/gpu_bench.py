@@ -1,5 +1,9 @@
 """GPU throughput, peak memory and host-device synchronisations: open_clip_train against our script.
 
+Precisions first: every open_clip `--precision` name (fp32, amp, amp_bf16, bf16, fp16, pure_bf16,
+pure_fp16) through the training script with FastCLIP-v3 on a tiny model for 4 steps: its exit code,
+the precision it says it ran, its last loss (about a minute and a half).
+
 Programs: RN50 at 224 px, synthetic data, `--precision amp_bf16`, one process, batch 128 and 256:
 samples/s (steady state from each program's log lines, as in throughput.py) and peak CUDA memory
 (`torch.cuda.max_memory_allocated` at exit, printed by the launchers in common.py) of open_clip_train,
@@ -12,9 +16,9 @@ step, counted two ways over objective + backward and over the whole engine step:
 `torch.cuda.set_sync_debug_mode("warn")`, and CUDA runtime synchronise calls seen by torch.profiler.
 Then a step on NaN images: it must be skipped on the device (weights unchanged, counted by the guard)
 without a synchronisation of its own (the fused AdamW takes the GradScaler's found-inf flag).
-This part runs first (about a minute and a half), so a program run that fails still leaves results.
+This part runs next (about a minute and a half), so a program run that fails still leaves results.
 
-    bash bench/gpu.sh                        # one NVIDIA GPU, about 7 minutes on an H100
+    bash bench/gpu.sh                        # one NVIDIA GPU, about 8 minutes on an H100
     python bench/gpu_bench.py --cpu-smoke    # no GPU: the same code paths, tiny model, one repetition
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,7 +62,7 @@ class GpuSetup:
 
 
 GPU = GpuSetup("RN50", (128, 256), "amp_bf16", "cuda", steps=20, log_every=4, workers=12, repeats=5,
-               budget_s=330, step_iters=20, sync_steps=3)
+               budget_s=240, step_iters=20, sync_steps=3)
 SMOKE = GpuSetup("ViT-Tiny-32px", (32,), "fp32", "cpu", steps=6, log_every=2, workers=1, repeats=1,
                  budget_s=600, step_iters=3, sync_steps=1)
 
@@ -115,6 +120,44 @@ def run_programs(setup: GpuSetup) -> tuple[dict[int, common.Runs], str | None]:
     return programs, None
 
 
+# ---------------------------------------------------------------------------- every precision name
+
+SWEPT_PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16", "pure_bf16", "pure_fp16")
+PRECISION_LINE = re.compile(r"\| INFO \| precision (.+)$", re.M)
+LOSS_LINE = re.compile(r" loss: ([-+.\deE]+|nan|inf)")
+
+
+def precision_sweep(setup: GpuSetup) -> list[dict]:
+    """Each open_clip precision name through the training script, FastCLIP-v3 on a tiny model for a few
+    steps: did it run, what it says it ran, and its last loss (the path that casts inputs, scales fp16
+    losses and keeps the objective in float32)."""
+    logs = Path(tempfile.mkdtemp(prefix="gpu-precision-"))
+    rows = []
+    try:
+        for name in SWEPT_PRECISIONS:
+            argv = ["--dataset-type", "synthetic", "--train-num-samples", "64", "--model", "ViT-Tiny-32px",
+                    "--batch-size", "16", "--workers", "0", "--precision", name, "--device", setup.device,
+                    "--epochs", "1", "--warmup", "1", "--log-every-n-steps", "1", "--save-frequency", "0",
+                    "--logs", str(logs), "--name", name, "--data_size", "64", *common.FASTCLIP_V3_FLAGS]
+            done = subprocess.run(common.fastclip_train_command(argv), capture_output=True, text=True,
+                                  timeout=RUN_TIMEOUT_S)
+            output = done.stdout + done.stderr
+            effective = PRECISION_LINE.search(output)
+            losses = LOSS_LINE.findall(output)
+            rows.append({"precision": name, "rc": done.returncode, "effective": effective[1] if effective else "",
+                         "last_loss": losses[-1] if losses else "", "error": "" if done.returncode == 0 else
+                         output.strip().splitlines()[-1][:300]})
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    return rows
+
+
+def precision_table(rows: list[dict]) -> str:
+    lines = ["| --precision | exit | effective precision | last loss | error |", "|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['rc']} | {r['effective']} | {r['last_loss']} | {r['error']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the step, in process
 
 
@@ -148,7 +191,7 @@ def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_s
     precision = resolve_precision(args.precision, env.device)
     bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
     trainer = build_training(args, env, bundle.model, build_objective(args, env), precision,
-                             steps_per_epoch=10**6 // args.epochs)
+                             batches_per_epoch=10**6 // args.epochs)
     return trainer, bundle
 
 
@@ -327,7 +370,8 @@ def sync_examples(steps: dict[int, dict[str, dict]]) -> str:
 
 
 def report(setup: GpuSetup, programs: dict[int, common.Runs], error: str | None,
-           steps: dict[int, dict[str, dict]], calibration: dict, smoke: bool, info: dict) -> Path:
+           steps: dict[int, dict[str, dict]], calibration: dict, smoke: bool, info: dict,
+           precisions: list[dict]) -> Path:
     parts = []
     if smoke:
         parts.append("**--cpu-smoke: no GPU; tiny model on the CPU, one repetition. The numbers only show "
@@ -359,8 +403,10 @@ def report(setup: GpuSetup, programs: dict[int, common.Runs], error: str | None,
     parts.append(f"Calibration, one `tensor.item()`: {_fmt(calibration['sync_warnings'])} (warn), "
                  f"{_fmt(calibration['sync_calls'])} (profiler); 1 and 1 mean both counters see every such call.")
     parts.append("Synchronising calls flagged:\n\n" + sync_examples(steps))
+    parts.append("Every precision name, FastCLIP-v3 on ViT-Tiny-32px, 4 steps of batch 16 through the training "
+                 "script:\n\n" + precision_table(precisions))
     raw = {"setup": asdict(setup), "smoke": smoke, "programs": programs, "error": error, "steps": steps,
-           "calibration": calibration}
+           "calibration": calibration, "precisions": precisions}
     return common.write_report("gpu", "GPU throughput, memory and synchronisations vs open_clip_train",
                                "\n\n".join(parts), raw, info)
 
@@ -374,10 +420,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("error: no CUDA device; use --cpu-smoke to check the code paths on the CPU")
     setup = SMOKE if args.cpu_smoke else GPU
     info, started = common.machine(), time.perf_counter()
-    steps = run_steps(setup)  # first: a minute that yields results even if a program run fails
+    precisions = precision_sweep(setup)  # first: the mixed-precision paths have never run on a GPU
+    steps = run_steps(setup)  # a minute that yields results even if a program run fails
     calibration = calibrate(torch.device(setup.device))
     programs, error = ({}, None) if args.skip_programs else run_programs(setup)
-    path = report(setup, programs, error, steps, calibration, args.cpu_smoke, info)
+    path = report(setup, programs, error, steps, calibration, args.cpu_smoke, info, precisions)
     print(path.read_text())
     print(f"gpu_bench: {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -173,7 +173,7 @@ def build_trainer(variant: str, batch_size: int, data_size: int, device: torch.d
     precision = resolve_precision(args.precision, device)
     model = build_model(args.model, device, args.temperature, precision.model_dtype).model
     objective = build_variant_objective(variant, args, device)
-    trainer = build_training(args, _env(device), model, objective, precision, steps_per_epoch=10**6 // args.epochs,
+    trainer = build_training(args, _env(device), model, objective, precision, batches_per_epoch=10**6 // args.epochs,
                              metrics=WindowRecorder())
     trainer.profile = True
     trainer.timer = WallAndCpuTimer(device, enabled=True)

@@ -389,7 +389,8 @@ def _validate_options(args: argparse.Namespace) -> None:
     if args.lock_image_freeze_bn_stats and not args.lock_image:
         _fail("--lock-image-freeze-bn-stats applies to a locked image tower: add --lock-image")
     if (args.lock_text_unlocked_layers or args.lock_text_freeze_layer_norm) and not args.lock_text:
-        _fail("--lock-text-unlocked-layers / --lock-text-freeze-layer-norm apply to a locked text tower: add --lock-text")
+        _fail("--lock-text-unlocked-layers / --lock-text-freeze-layer-norm apply to a locked text tower: "
+              "add --lock-text")
     if args.opt.lower() != "adamw" and not args.opt.lower().startswith("timm/"):
         _fail(f"--opt {args.opt}: use adamw, or timm/NAME for a timm optimizer (e.g. timm/lamb, timm/sgd)")
     if args.momentum is not None and not args.opt.lower().startswith("timm/"):

@@ -244,9 +244,9 @@ def saved_steps_per_epoch(checkpoint: dict) -> int | None:
     epoch, step, in_epoch = int(checkpoint["epoch"]), int(checkpoint["step"]), int(checkpoint.get("step_in_epoch", 0))
     if epoch > 0:
         return (step - in_epoch) // epoch
-    config = checkpoint.get("config", {})
-    if all(isinstance(config.get(k), int) for k in ("train_num_samples", "batch_size")) and checkpoint.get("world_size"):
-        return math.ceil(config["train_num_samples"] / (config["batch_size"] * int(checkpoint["world_size"])))
+    config, world_size = checkpoint.get("config", {}), checkpoint.get("world_size")
+    if all(isinstance(config.get(k), int) for k in ("train_num_samples", "batch_size")) and world_size:
+        return math.ceil(config["train_num_samples"] / (config["batch_size"] * int(world_size)))
     return None
 
 
