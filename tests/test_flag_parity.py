@@ -112,8 +112,14 @@ def test_flags_that_need_another_fail_in_one_line(flags, message):
 
 
 def test_siglip_defaults_follow_open_clip_train():
+    import math
+
+    from fastclip.losses.siglip import SIGLIP_MODEL_KWARGS
+
     args = parse_args([*BASE, "--siglip"])
     assert args.temperature == 0.1 and args.init_logit_bias == -10.0  # logit scale log(10), bias -10
+    assert math.log(1 / args.temperature) == pytest.approx(SIGLIP_MODEL_KWARGS["init_logit_scale"])
+    assert args.init_logit_bias == SIGLIP_MODEL_KWARGS["init_logit_bias"]
     assert parse_args([*BASE, "--siglip", "--temperature", "0.05"]).temperature == 0.05
     assert parse_args(BASE).temperature == 0.07 and parse_args(BASE).init_logit_bias is None
 
