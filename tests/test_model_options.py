@@ -92,6 +92,21 @@ def test_aug_cfg_flag_reads_literals_else_strings(capsys: pytest.CaptureFixture)
         ModelOptions(aug_cfg={"bogus": 1})
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"force_image_size": (32, 32, 32)}, "give one size"),
+    ({"force_image_size": (0,)}, "all > 0"),
+    ({"force_context_length": 0}, "--force-context-length 0: must be > 0"),
+    ({"force_patch_dropout": 1.0}, r"must be in \[0, 1\)"),
+    ({"image_mean": (0.5, 0.5)}, "--image-mean: give 1 value"),
+    ({"image_std": (0.2, 0.2, 0.2, 0.2)}, "--image-std: give 1 value"),
+    ({"image_std": (0.0,)}, "--image-std: every value must be > 0"),
+    ({"image_interpolation": "nearest"}, "choose one of"),
+    ({"image_resize_mode": "crop"}, "choose one of"),
+    ({"aug_cfg": {"color_jitter_prob": 0.5}}, "color_jitter with 4 values"),
+    ({"lock_image_unlocked_groups": 1}, "no effect without --lock-image"),
+    ({"lock_text_freeze_layer_norm": True}, "no effect without --lock-text"),
+    ({"lock_image": True, "lock_image_unlocked_groups": -1}, "must be >= 0"),
+])
 def test_contradictory_options_fail_in_one_line(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
         ModelOptions(**fields)
