@@ -132,6 +132,12 @@ def test_slurm_address_is_the_first_host_of_the_job_node_list(environ):
     assert master_address() == ("gpu07", "the first host of SLURM_JOB_NODELIST=gpu[07-08,11],cpu01")
 
 
+def test_slurm_step_node_list_comes_first(environ):
+    """`srun -N 2` on nodes 3-4 of a 4-node allocation: rank 0 runs on the step's first node."""
+    set_slurm(environ, "2", SLURM_JOB_NODELIST="node[01-04]", SLURM_STEP_NODELIST="node[03-04]")
+    assert master_address() == ("node03", "the first host of SLURM_STEP_NODELIST=node[03-04]")
+
+
 def test_slurm_node_list_without_job_node_list(environ):
     set_slurm(environ, "2", SLURM_NODELIST="n[1-2]-ib[3-4]")
     assert master_address()[0] == "n1-ib3"
@@ -240,6 +246,6 @@ def test_multi_node_job_without_address_stops_main_with_the_fix(environ, tmp_pat
     with pytest.raises(SystemExit) as stop:
         main([*TINY, "--logs-dir", str(tmp_path)])
     assert str(stop.value) == (
-        "error: this slurm job runs on 2 nodes (SLURM_NNODES) and neither MASTER_ADDR nor SLURM_JOB_NODELIST nor "
-        "SLURM_NODELIST is set to tell where rank 0 runs; add to the job script: "
+        "error: this slurm job runs on 2 nodes (SLURM_NNODES) and neither MASTER_ADDR nor SLURM_STEP_NODELIST nor "
+        "SLURM_JOB_NODELIST nor SLURM_NODELIST is set to tell where rank 0 runs; add to the job script: "
         "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)")

@@ -9,8 +9,8 @@ local rank are all read from that one launcher, never mixed (the variables open_
 None of them: one process. A launcher that leaves its local rank unset gives local rank 0.
 
 With --dist-url env:// and MASTER_ADDR unset, the launcher says where rank 0 runs: under slurm, on the
-first host of SLURM_JOB_NODELIST (else SLURM_NODELIST), read without `scontrol`; under mpirun, on this
-host when its local size (MPI_LOCALNRANKS, OMPI_COMM_WORLD_LOCAL_SIZE) equals the world size. A job on
+first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST, SLURM_NODELIST), read without `scontrol`;
+under mpirun, on this host when its local size (MPI_LOCALNRANKS, OMPI_COMM_WORLD_LOCAL_SIZE) equals the world size. A job on
 several nodes whose rank 0 cannot be found stops at once with a one-line LauncherError, where other
 nodes would otherwise wait --dist-timeout for a rank 0 at 127.0.0.1. A job on one node, and torchrun's
 variables without MASTER_ADDR, use 127.0.0.1. MASTER_PORT is 29500 unless set.
@@ -32,7 +32,9 @@ from .hostlist import expand_hostlist
 
 LOCALHOST = "127.0.0.1"
 DEFAULT_PORT = "29500"
-SLURM_NODELISTS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
+# srun starts rank 0 on the first node of its step, which `srun -N n` inside a larger allocation can
+# make another than the job's first node: the step's list comes first
+SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 SLURM_FIX = "add to the job script: export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)"
 
 
