@@ -23,7 +23,7 @@ from fastclip.checkpoint import files
 from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
 from fastclip.distributed import DistEnv, control
 from fastclip.distributed.threads import configure_cpu_threads, local_ranks
-from fastclip.engine import Trainer
+from fastclip.engine import Trainer, optimizer_steps
 from fastclip.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
@@ -71,7 +71,7 @@ def build_trainer(args: argparse.Namespace, env: DistEnv, model: torch.nn.Module
                   precision: Precision, batches_per_epoch: int, metrics: MetricsSink | None = None) -> Trainer:
     """Optimizer, schedules over `args.epochs` epochs of `batches_per_epoch` // --accum-freq steps, DDP and
     compile around `model`."""
-    steps_per_epoch = batches_per_epoch // args.accum_freq
+    steps_per_epoch = optimizer_steps(batches_per_epoch, args.accum_freq)
     if not objective.learns_model_temperature:
         model.logit_scale.requires_grad_(False)
     tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
