@@ -20,10 +20,14 @@ $(STAMP): setup.py requirements-training.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --target $(VENV)/img2dataset img2dataset
 	touch $(STAMP)
 
+# the Debian data packages each target needs (fastclip.datasets.packages): installed where apt-get can run as
+# root or through sudo without a password; elsewhere one line says what follows and how to install them
 demo: install
+	$(PY) -m fastclip.datasets.packages install demo
 	$(PY) scripts/demo.py --out $(DEMO_DIR)
 
 test: install
+	$(PY) -m fastclip.datasets.packages install test
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -34,10 +38,11 @@ bench-quick: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/run_all.py --quick
 
-# retrieval with unique captions (Unicode characters drawn in fonts): the font check prints the
-# apt-get line when a Debian font package is missing; bench/fonts.py builds the data once, then trains
+# retrieval with unique captions (Unicode characters drawn in fonts): the font packages installed where
+# possible, else the check stops with the apt-get line; bench/fonts.py builds the data once, then trains
 bench-fonts: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m fastclip.datasets.packages install fonts
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/fonts.py
 

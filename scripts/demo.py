@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fastclip.datasets.demo import build_demo  # noqa: E402
+from fastclip.datasets.packages import MissingData  # noqa: E402
 from fastclip.plot import main as plot  # noqa: E402
 from training.main import main as train  # noqa: E402
 
@@ -28,14 +29,17 @@ from training.main import main as train  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_run"))
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N train/test images")
     opts = parser.parse_args(argv)
 
     started = time.time()
-    data = build_demo(opts.out / "data", limit=opts.limit)
+    try:
+        data = build_demo(opts.out / "data", limit=opts.limit)
+    except MissingData as error:  # no Debian package and no download: one line with the install command
+        raise SystemExit(f"demo: {error}") from None
     run_name = f"fastclip-v3-b{opts.batch_size}-e{opts.epochs}"
     run_dir = opts.out / "logs" / run_name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SEED_COMMANDS, scaled, tiny_run
+from conftest import SEED_COMMANDS, available, scaled, tiny_run
 from fastclip.data import samples
 from fastclip.data.csv import CsvTable
 from fastclip.data.loader import build_csv_train_loader, build_csv_val_loader
@@ -30,7 +30,7 @@ ROWS = 192  # 2 ranks x 2 workers x 48 rows: 3 batches of 16 per slot (6 with on
 @functools.cache
 def fashion_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The first ROWS Fashion-MNIST training images and labels."""
-    images, labels = (read_idx(find_fashion_mnist() / name)[:ROWS] for name in FILES["train"])
+    images, labels = (read_idx(available(find_fashion_mnist) / name)[:ROWS] for name in FILES["train"])
     return images, labels
 
 

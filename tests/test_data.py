@@ -323,7 +323,8 @@ def test_synthetic_loader_follows_the_step_rule_and_covers_indices(preprocess, t
 # ------------------------------------------------------------------------------------------------- demo
 
 
-def test_demo_conversion_writes_sparse_keys_and_a_zero_shot_folder(tmp_path, preprocess, tokenizer, capsys):
+def test_demo_conversion_writes_sparse_keys_and_a_zero_shot_folder(tmp_path, preprocess, tokenizer, capsys,
+                                                                    fashion_mnist_dir):
     data = demo.main(["--out", str(tmp_path), "--samples-per-shard", "30", "--limit", "100"])
     assert (data.num_samples, data.data_size) == (100, 310)  # keys shard*100 + i: 0..29, 100..129, ..., 300..309
     assert str(data.data_size) in capsys.readouterr().out

@@ -26,9 +26,9 @@ PAIRS = 45
 
 
 @pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> DemoData:
+def small_demo(tmp_path_factory, fashion_mnist_dir) -> DemoData:
     """3 shards of 15 pairs and 45 zero-shot images: 2 ranks get 2 and 1 shards, 22 and 23 images."""
-    return build_demo(tmp_path_factory.mktemp("demo"), samples_per_shard=15, limit=PAIRS)
+    return build_demo(tmp_path_factory.mktemp("demo"), samples_per_shard=15, limit=PAIRS, source=fashion_mnist_dir)
 
 
 def evaluate_share(demo: DemoData) -> dict:

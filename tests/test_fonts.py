@@ -18,13 +18,11 @@ pytest.importorskip("fontTools")
 from fastclip.data.loader import build_train_loader, build_val_loader  # noqa: E402
 from fastclip.datasets import fonts  # noqa: E402
 from fastclip.models import register_model_configs  # noqa: E402
+from conftest import available  # noqa: E402
 
 TRAIN, TEST = 300, 60
 
-try:
-    fonts.check_fonts()
-except fonts.MissingFonts as error:
-    pytest.skip(str(error), allow_module_level=True)
+available(fonts.check_fonts)
 
 
 def read_samples(pattern: str) -> list[dict]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SEED_COMMANDS, scaled
+from conftest import SEED_COMMANDS, available, scaled
 from fastclip.checkpoint.sharded import MANIFEST
 from fastclip.data import index
 from fastclip.data.index import ShardIndexError, build_index
@@ -309,7 +309,7 @@ def img2dataset_shards(tmp_path_factory) -> Path:
     from fastclip.datasets.demo import CLASS_NAMES, FILES, find_fashion_mnist, read_idx
 
     root = tmp_path_factory.mktemp("img2dataset")
-    source = find_fashion_mnist()
+    source = available(find_fashion_mnist)
     images, labels = (read_idx(source / name)[:IMAGES] for name in FILES["test"])
     (root / "images").mkdir()
     with open(root / "urls.csv", "w", newline="") as f:

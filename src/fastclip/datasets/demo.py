@@ -4,7 +4,7 @@ The 60,000 training images become webdataset shards (KEY.png, KEY.txt, KEY.json)
 img2dataset's sparse scheme, with captions made from the class name and varied templates; the 10,000
 test images become an ImageFolder `test/<class name>/NNNNN.png` for zero-shot evaluation. The files
 come from the Debian package dataset-fashion-mnist when installed, else from the official URLs
-(downloaded once into a cache directory).
+(downloaded once into a cache directory); where neither works, `MissingData` says how to install it.
 
     python -m fastclip.datasets.demo --out data/fashion-mnist [--samples-per-shard 2500] [--limit N]
 """
@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .packages import FASHION_MNIST, FASHION_MNIST_DIR, MissingData, install_hint
 from .writer import encode_image, shard_sample, write_shards
 
 CLASS_NAMES = (
@@ -41,7 +42,7 @@ TEMPLATES = (
     "{} on a black background.",
     "a picture of {}, a fashion item.",
 )
-SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+SYSTEM_DIR = FASHION_MNIST_DIR
 BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -62,27 +63,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fastclip" / "fashion-mnist"
 
 
+def _file_names() -> list[str]:
+    return [name for pair in FILES.values() for name in pair]
+
+
 def _has_files(directory: Path) -> bool:
-    return all((directory / name).is_file() for pair in FILES.values() for name in pair)
+    return all((directory / name).is_file() for name in _file_names())
 
 
-def _download(directory: Path) -> None:
+def download(directory: Path, base_url: str = BASE_URL, timeout_s: float = 30.0) -> None:
+    """Fetch the four .gz files into `directory` (each renamed into place once complete).
+
+    Raises `MissingData`, one line naming the file, the error and the Debian package that avoids the download.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (name for pair in FILES.values() for name in pair):
-        if not (directory / name).is_file():
-            partial = directory / (name + ".partial")
-            urllib.request.urlretrieve(BASE_URL + name, partial)
-            os.replace(partial, directory / name)
+    for name in _file_names():
+        if (directory / name).is_file():
+            continue
+        partial = directory / f"{name}.partial"
+        try:
+            with urllib.request.urlopen(base_url + name, timeout=timeout_s) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+        except OSError as error:  # URLError, timeouts, refused connections, a full disk
+            partial.unlink(missing_ok=True)
+            reason = getattr(error, "reason", None) or error
+            raise MissingData(
+                f"Fashion-MNIST: {FASHION_MNIST.name} is not installed and downloading {base_url + name} failed "
+                f"({reason}); install the package with: {install_hint([FASHION_MNIST])}") from None
+        os.replace(partial, directory / name)
 
 
-def find_fashion_mnist(source: Path | None = None) -> Path:
-    """The directory with the four .gz files: `source`, the Debian package's, or the (filled) cache."""
-    for directory in (source, SYSTEM_DIR, cache_dir()):
+def find_fashion_mnist(source: Path | None = None, system_dir: Path = SYSTEM_DIR,
+                       base_url: str = BASE_URL) -> Path:
+    """The directory with the four .gz files: `source`, the Debian package's, or the cache (downloaded
+    into on first use)."""
+    for directory in (source, system_dir, cache_dir()):
         if directory is not None and _has_files(directory):
             return directory
     if source is not None:
-        raise FileNotFoundError(f"{source} lacks some of {[n for pair in FILES.values() for n in pair]}")
-    _download(cache_dir())
+        raise MissingData(f"{source} lacks some of {_file_names()}")
+    download(cache_dir(), base_url)
     return cache_dir()
 
 
@@ -206,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> DemoData:
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N train and test images")
     parser.add_argument("--source", type=Path, default=None, help="directory with the Fashion-MNIST .gz files")
     args = parser.parse_args(argv)
-    demo = build_demo(args.out, args.samples_per_shard, args.limit, args.source)
+    try:
+        demo = build_demo(args.out, args.samples_per_shard, args.limit, args.source)
+    except MissingData as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps({**asdict(demo), "test_dir": str(demo.test_dir)}, indent=1))
     return demo
 

@@ -42,16 +42,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .demo import build_manifest_once
+from .packages import FONT_ROOT, FONTS, MissingData, install_hint
 from .writer import encode_image, shard_sample, write_shards
 
-FONT_ROOT = Path("/usr/share/fonts")
 # Debian package -> a file (under the font root) that it installs
-PACKAGES = {
-    "fonts-noto-core": "truetype/noto/NotoSans-Regular.ttf",
-    "fonts-unifont": "opentype/unifont/unifont.otf",
-    "fonts-freefont-ttf": "truetype/freefont/FreeSans.ttf",
-    "fonts-dejavu-core": "truetype/dejavu/DejaVuSans.ttf",
-}
+PACKAGES = {package.name: package.marker.relative_to(FONT_ROOT).as_posix() for package in FONTS}
 TEST_FONT = "truetype/dejavu/DejaVuSans.ttf"
 IMAGE_SIZE = 32
 FONT_SIZE = 24  # px per em: Latin capitals about 17 px high, most glyphs fit without scaling
@@ -65,7 +60,7 @@ BLANK, NOTDEF = "blank glyph", ".notdef glyph"
 CHUNK = 500  # characters per task of the process pool
 
 
-class MissingFonts(FileNotFoundError):
+class MissingFonts(MissingData):
     """Some of the Debian font packages are not installed; the message has the apt-get line."""
 
 
@@ -86,7 +81,7 @@ def check_fonts(root: Path = FONT_ROOT) -> None:
     missing = [package for package, path in PACKAGES.items() if not (root / path).is_file()]
     if missing:
         raise MissingFonts(f"fonts missing under {root}: Debian packages {', '.join(missing)} are not installed; "
-                           f"install them with: sudo apt-get install -y {' '.join(missing)}")
+                           f"install them with: {install_hint([p for p in FONTS if p.name in missing])}")
 
 
 def training_fonts(root: Path = FONT_ROOT) -> list[str]:
