@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MIN_REPEATS, Runs, Summary, alternate, machine, markdown_table, summarize, write_report  # noqa: E402
 from fastclip.datasets.synthetic import build_synthetic_loader  # noqa: E402
 from fastclip.distributed import comm  # noqa: E402
-from fastclip.engine import PHASES  # noqa: E402
+from fastclip.train.engine import PHASES  # noqa: E402
 from fastclip.losses.base import Objective  # noqa: E402
 from fastclip.models import build_model  # noqa: E402
 from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, FLOOR, MODEL, OPENCLIP, VARIANTS,  # noqa: E402

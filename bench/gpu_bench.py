@@ -179,7 +179,7 @@ def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_s
     """Our engine wired as training/main.py wires it for one process, from the same flags."""
     from fastclip.distributed import init_distributed
     from fastclip.models import build_model
-    from fastclip.precision import resolve_precision
+    from fastclip.train.precision import resolve_precision
     from training.builders import build_objective
     from training.builders import build_trainer as build_training
     from training.params import parse_args

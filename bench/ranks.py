@@ -2,7 +2,7 @@
 
 Each variant is a seed command line (tests/fixtures/seed_commands.sh) parsed by `training.params`
 and built by `training.builders`, so a benchmark runs the objective, the optimizer groups and the
-schedules that training runs, through `fastclip.engine.Trainer` with its per-phase timer. The model
+schedules that training runs, through `fastclip.train.engine.Trainer` with its per-phase timer. The model
 is the tiny open_clip `ViT-Tiny-32px`. FLOOR is the same model and step with a trivial loss: the
 part of a step that no objective can avoid.
 """
@@ -27,11 +27,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastclip.distributed import DistEnv, comm
-from fastclip.engine import PHASES, StepTimer, Trainer
+from fastclip.train.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
 from fastclip.models import build_model
-from fastclip.precision import resolve_precision
-from fastclip.progress import Progress
+from fastclip.train.precision import resolve_precision
+from fastclip.train.progress import Progress
 from training.builders import build_objective
 from training.builders import build_trainer as build_training
 from training.params import parse_args

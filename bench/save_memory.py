@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write_report  # noqa: E402
 from fastclip.checkpoint.sharded import load_shard, write_manifest, write_shard  # noqa: E402
 from fastclip.distributed import comm  # noqa: E402
-from fastclip.state import ShardedState  # noqa: E402
+from fastclip.losses.state import ShardedState  # noqa: E402
 from ranks import run_on_ranks  # noqa: E402
 from tables import human_bytes  # noqa: E402
 

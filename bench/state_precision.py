@@ -31,7 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from common import machine, markdown_table, write_report  # noqa: E402
 from fastclip.losses.moving_average import BoundedMovingAverage, LogMovingAverage  # noqa: E402
-from fastclip.schedules import gamma_at_epoch  # noqa: E402
+from fastclip.train.schedules import gamma_at_epoch  # noqa: E402
 
 TAU, EPS, BATCH = 0.01, 1e-14, 128
 REGIMES = {  # (mean positive, mean negative, spread of similarities, share of hard negatives)

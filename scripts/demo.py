@@ -3,7 +3,7 @@
 Builds webdataset shards from Fashion-MNIST (60,000 captioned training images, sparse img2dataset
 keys) and a 10,000-image zero-shot test folder, trains the CPU-sized ViT-Tiny-32px with the
 FastCLIP-v3 objective through the same training script as the paper's commands, then plots the
-training loss, temperature, learning rate, gamma and zero-shot accuracy (fastclip.plot). The last line printed is JSON with
+training loss, temperature, learning rate, gamma and zero-shot accuracy (fastclip.tools.plot). The last line printed is JSON with
 "zeroshot_top1" (a fraction; chance is 0.10).
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fastclip.datasets.demo import build_demo  # noqa: E402
 from fastclip.datasets.packages import MissingData  # noqa: E402
-from fastclip.plot import main as plot  # noqa: E402
+from fastclip.tools.plot import main as plot  # noqa: E402
 from training.main import main as train  # noqa: E402
 
 

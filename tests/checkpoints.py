@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fastclip.checkpoint import files, sharded
-from fastclip.state import ShardedState
+from fastclip.losses.state import ShardedState
 
 
 def per_sample_table(path: Path) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastclip.distributed import comm
-from fastclip.state import ShardedState
+from fastclip.losses.state import ShardedState
 
 
 def dense_table(state: ShardedState) -> torch.Tensor:

@@ -11,7 +11,7 @@ from multiprocess import spawn
 
 from fastclip.distributed import DistEnv, comm
 from fastclip.models import ModelOptions, build_model
-from fastclip.precision import resolve_precision
+from fastclip.train.precision import resolve_precision
 from training.builders import build_objective, build_trainer
 from training.main import main
 from training.params import parse_args

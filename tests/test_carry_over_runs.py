@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SEED_COMMANDS, scaled, tiny_run
-from fastclip.log import setup_logging
+from fastclip.run.log import setup_logging
 from training.main import main
 
 

@@ -12,8 +12,8 @@ import pytest
 COMMANDS = {
     "fastclip-train": "training.main:cli",
     "fastclip-index": "fastclip.data.index:main",
-    "fastclip-export": "fastclip.export:main",
-    "fastclip-plot": "fastclip.plot:main",
+    "fastclip-export": "fastclip.tools.export:main",
+    "fastclip-plot": "fastclip.tools.plot:main",
 }
 
 

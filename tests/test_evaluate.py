@@ -38,7 +38,7 @@ from fastclip.evaluate import (
     zero_shot_eval,
 )
 from fastclip.models import build_model
-from fastclip.precision import resolve_precision
+from fastclip.train.precision import resolve_precision
 
 TOKENIZER = open_clip.SimpleTokenizer(context_length=32)
 SYNSETS = [f"n{i:08d}" for i in range(1000)]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import SEED_COMMANDS, scaled, tiny_run
-from fastclip import export
+from fastclip.tools import export
 from fastclip.checkpoint.files import load, model_state
 from fastclip.evaluate import class_prompts, load_image_folder, zero_shot_eval
 from fastclip.models import ModelBundle, build_model

@@ -15,7 +15,7 @@ from dense_state import dense_table, load_dense
 from versions import VERSIONS
 
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
-from fastclip.schedules import TauLrSchedule, gamma_at_epoch
+from fastclip.train.schedules import TauLrSchedule, gamma_at_epoch
 
 N, DIM = 12, 5
 BATCH_1 = [3, 7, 1, 8, 0, 5]

@@ -19,7 +19,7 @@ import torch
 from checkpoints import assert_same_training_state, last_step, per_sample_table, signal_when
 from fastclip.checkpoint import files
 from fastclip.models import build_model
-from fastclip.progress import NON_FINITE, PEER_LOST, PREEMPTED
+from fastclip.train.progress import NON_FINITE, PEER_LOST, PREEMPTED
 from launch import check, finish, start_slurm, wait_for_line
 from training.main import main
 
@@ -222,7 +222,7 @@ def test_a_non_finite_step_changes_nothing(tmp_path):
     from training.params import parse_args
 
     from fastclip.distributed import DistEnv
-    from fastclip.precision import resolve_precision
+    from fastclip.train.precision import resolve_precision
 
     args = parse_args(synthetic(tmp_path, "unit"))
     env = DistEnv()

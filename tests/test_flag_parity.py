@@ -125,7 +125,7 @@ def test_siglip_defaults_follow_open_clip_train():
 
 
 def test_skip_scheduler_and_cooldown_power_follow_open_clip():
-    from fastclip.schedules import LrSchedule
+    from fastclip.train.schedules import LrSchedule
 
     skipped = LrSchedule("none", 1e-3, warmup_steps=10, total_steps=100)
     assert [skipped(s) for s in (0, 5, 99)] == [1e-3, 1e-3, 1e-3]  # no warmup, no decay
@@ -139,7 +139,7 @@ def test_skip_scheduler_and_cooldown_power_follow_open_clip():
 def test_timm_optimizer_keeps_the_parameter_groups():
     import torch
 
-    from fastclip.optim import build_optimizer
+    from fastclip.train.optim import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model.logit_scale = torch.nn.Parameter(torch.zeros(()))

@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode, Normalize, RandomResizedCr
 
 from fastclip.models import ModelOptions, build_model
 from training.params import build_parser
-from fastclip.optim import build_optimizer
+from fastclip.train.optim import build_optimizer
 
 VIT = "ViT-Tiny-32px"
 RESNET = "RN-Tiny-options-test"

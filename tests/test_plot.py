@@ -1,4 +1,4 @@
-"""`python -m fastclip.plot`: the curves of real tiny runs (OpenCLIP and FastCLIP-v3), read back and drawn."""
+"""`python -m fastclip.tools.plot`: the curves of real tiny runs (OpenCLIP and FastCLIP-v3), read back and drawn."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from conftest import SEED_COMMANDS, scaled, tiny_run
-from fastclip.plot import (
+from fastclip.tools.plot import (
     PANELS, draw, figure_pixels, main, panels_with_data, read_run, read_runs, trailing_mean,
 )
 from training.main import main as train

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fastclip.guard import SkippingStep
-from fastclip.precision import PRECISIONS, PrecisionError, resolve_precision, slow_on_device
+from fastclip.train.guard import SkippingStep
+from fastclip.train.precision import PRECISIONS, PrecisionError, resolve_precision, slow_on_device
 from training.main import main
 
 CPU = torch.device("cpu")

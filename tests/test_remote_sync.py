@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastclip.checkpoint import files, sharded
-from fastclip.remote_sync import (FsspecStore, RemoteSync, check_remote, fetch_checkpoints, remote_run_dir)
-from fastclip.runlock import RunLock
+from fastclip.run.remote_sync import (FsspecStore, RemoteSync, check_remote, fetch_checkpoints, remote_run_dir)
+from fastclip.run.lock import RunLock
 
 
 def save_checkpoint(run: Path, stem: str, token: str | None, step: int = 1) -> Path:

@@ -15,7 +15,7 @@ import pytest
 
 from checkpoints import assert_same_training_state, children, last_step, signal_when
 from conftest import SEED_COMMANDS, scaled, tiny_run
-from fastclip.progress import PREEMPTED
+from fastclip.train.progress import PREEMPTED
 from launch import check, finish, start_slurm, start_torchrun, wait_for_line
 from training.main import main
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from fastclip.checkpoint.checkpointer import rescale, saved_steps_per_epoch
-from fastclip.progress import Progress
-from fastclip.schedules import LrSchedule
+from fastclip.train.progress import Progress
+from fastclip.train.schedules import LrSchedule
 from launch import check, start_torchrun
 from training.main import main
 

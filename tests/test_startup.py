@@ -25,7 +25,7 @@ from launch import ROOT, TIMEOUT_S, clean_env
 from fastclip.distributed import DistEnv
 from fastclip.distributed.threads import configure_cpu_threads, local_ranks, shared_by, threads_per_rank
 from fastclip.models import build_model
-from fastclip.summary import KNOWN_NOISE, RunFacts, format_summary, version_name
+from fastclip.run.summary import KNOWN_NOISE, RunFacts, format_summary, version_name
 from training.builders import build_objective
 from training.params import parse_args
 from training.paths import project_root_if_in_src, rebase_relative_paths
@@ -106,7 +106,7 @@ def test_version_of_each_seed_command(version):
 
 NOISE_CHECK = """
 import warnings, torch, torch.distributed as dist, torch.distributed.nn
-from fastclip.summary import silence_known_warnings
+from fastclip.run.summary import silence_known_warnings
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 def emit():
     with warnings.catch_warnings(record=True) as caught:

@@ -10,7 +10,7 @@ from dense_state import dense_table, load_dense
 from multiprocess import spawn
 
 from fastclip.distributed import comm
-from fastclip.state import ShardedState, _last_occurrence
+from fastclip.losses.state import ShardedState, _last_occurrence
 
 N = 11  # divisible by neither 2 nor 3: the last shards are ragged
 INITIAL = (0.0, 0.07, -1.0)

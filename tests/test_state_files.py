@@ -15,7 +15,7 @@ from multiprocess import spawn
 from fastclip.checkpoint.sharded import (MANIFEST, StateFileError, _stride, check_files, load_shard,
                                          read_manifest, shard_file, write_manifest, write_shard)
 from fastclip.distributed import comm
-from fastclip.state import ShardedState
+from fastclip.losses.state import ShardedState
 
 N = 13  # divisible by none of the K used: every layout has ragged shards
 INITIAL = (0.0, 0.07, -1.0)

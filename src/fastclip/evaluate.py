@@ -27,8 +27,8 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from fastclip.distributed import comm
-from fastclip.optim import unwrap
-from fastclip.precision import Precision, resolve_precision
+from fastclip.train.optim import unwrap
+from fastclip.train.precision import Precision, resolve_precision
 
 Template = Callable[[str], str]
 T = TypeVar("T")

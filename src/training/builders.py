@@ -23,22 +23,22 @@ from fastclip.checkpoint import files
 from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
 from fastclip.distributed import DistEnv, control
 from fastclip.distributed.threads import configure_cpu_threads, local_ranks
-from fastclip.engine import Trainer, optimizer_steps
-from fastclip.log import MetricsSink, setup_logging
+from fastclip.train.engine import Trainer, optimizer_steps
+from fastclip.run.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from fastclip.losses.openclip import OpenCLIPObjective
 from fastclip.losses.siglip import SigLIPObjective
 from fastclip.models import ModelBundle, ModelOptions, build_model
-from fastclip.optim import build_optimizer
-from fastclip.precision import Precision, PrecisionError, resolve_precision, slow_on_device
-from fastclip.progress import Progress
-from fastclip.remote_sync import RemoteSync, RemoteSyncError, check_remote, fetch_checkpoints, remote_run_dir
-from fastclip.run_control import RunControl, SavePolicy
-from fastclip.runlock import RunFolderBusy, RunLock
-from fastclip.schedules import LrSchedule, TauLrSchedule
-from fastclip.signals import StopSignals
-from fastclip.summary import RunFacts, format_summary, silence_known_warnings, version_name
+from fastclip.train.optim import build_optimizer
+from fastclip.train.precision import Precision, PrecisionError, resolve_precision, slow_on_device
+from fastclip.train.progress import Progress
+from fastclip.run.remote_sync import RemoteSync, RemoteSyncError, check_remote, fetch_checkpoints, remote_run_dir
+from fastclip.run.control import RunControl, SavePolicy
+from fastclip.run.lock import RunFolderBusy, RunLock
+from fastclip.train.schedules import LrSchedule, TauLrSchedule
+from fastclip.run.signals import StopSignals
+from fastclip.run.summary import RunFacts, format_summary, silence_known_warnings, version_name
 from training.data_setup import DataBundle, build_data, resolve_auto_sizes
 from training.evaluation import run_evaluations
 from training.params import save_params, trains
@@ -262,7 +262,7 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
 def log_startup_summary(args: argparse.Namespace, env: DistEnv, run_dir: Path, bundle: ModelBundle,
                         precision: Precision, steps_per_epoch: int, objective: Objective | None,
                         cpu_threads: str) -> None:
-    """Rank 0's start-up block (fastclip.summary): what is about to run, before the first step."""
+    """Rank 0's start-up block (fastclip.run.summary): what is about to run, before the first step."""
     if not env.is_master:
         return
     state = objective.per_sample if objective is not None else None

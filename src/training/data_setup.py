@@ -23,7 +23,7 @@ from fastclip.data.shards import expand_shards, local_path
 from fastclip.datasets.synthetic import build_synthetic_loader
 from fastclip.distributed import DistEnv, control
 from fastclip.models import ModelBundle
-from fastclip.optim import unwrap
+from fastclip.train.optim import unwrap
 from training.params import AUTO, trains
 
 logger = logging.getLogger("fastclip")

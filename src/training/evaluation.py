@@ -12,9 +12,9 @@ import torch
 from fastclip import evaluate
 from fastclip.distributed import DistEnv
 from fastclip.models import ModelBundle
-from fastclip.optim import unwrap
-from fastclip.precision import Precision
-from fastclip.progress import Progress
+from fastclip.train.optim import unwrap
+from fastclip.train.precision import Precision
+from fastclip.train.progress import Progress
 from training.data_setup import DataBundle
 
 logger = logging.getLogger("fastclip")

@@ -6,8 +6,8 @@ import logging
 
 from fastclip.checkpoint import files
 from fastclip.distributed import control
-from fastclip.optim import unwrap
-from fastclip.progress import Progress
+from fastclip.train.optim import unwrap
+from fastclip.train.progress import Progress
 from training.builders import Run, resume_candidates, seed_everything
 
 logger = logging.getLogger("fastclip")

@@ -3,7 +3,7 @@
 Runs as `python -u src/training/main.py ...` (one process, or one per task under `srun`) and as
 `cd src && torchrun --nproc_per_node=N -m training.main ...`; tests call `main([...])`.
 Exit codes: 0 done, 1 an error (one line says which), 75 stopped by a signal after saving a
-checkpoint, 76 another rank hung or died, 77 too many non-finite steps (see fastclip.progress).
+checkpoint, 76 another rank hung or died, 77 too many non-finite steps (see fastclip.train.progress).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from fastclip.data.samples import DataError
     from fastclip.distributed import control, init_distributed
     from fastclip.distributed.env import close_distributed
-    from fastclip.progress import PEER_LOST, RunStopped
+    from fastclip.train.progress import PEER_LOST, RunStopped
     from training.preflight import check_run
 
     try:

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from fastclip.summary import version_name
+from fastclip.run.summary import version_name
 from training.paths import rebase_relative_paths
 
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")

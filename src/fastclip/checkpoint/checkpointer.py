@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..distributed import comm, control
-from ..guard import NonFiniteGuard, SkippingStep
+from ..train.guard import NonFiniteGuard, SkippingStep
 from ..losses.base import Objective
-from ..optim import unwrap
-from ..progress import Progress
+from ..train.optim import unwrap
+from ..train.progress import Progress
 from . import files, sharded
 
 logger = logging.getLogger("fastclip")

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..state import ShardedState
+from ..losses.state import ShardedState
 from .files import write_atomic
 
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from ..state import ShardedState
+from .state import ShardedState
 
 
 class Objective(Protocol):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import comm
-from ..schedules import gamma_at_epoch
-from ..state import ShardedState
+from ..train.schedules import gamma_at_epoch
+from .state import ShardedState
 from . import functional as fn
 from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme, tau_summary
 

@@ -1,4 +1,4 @@
-"""Training curves of one or more runs in one PNG: `python -m fastclip.plot RUN_DIR [RUN_DIR ...]`.
+"""Training curves of one or more runs in one PNG: `python -m fastclip.tools.plot RUN_DIR [RUN_DIR ...]`.
 
 Reading (run folders -> per-run series) is kept apart from drawing (series -> figure) so that the
 numbers a plot shows can be checked without looking at it. A run folder is what the training script

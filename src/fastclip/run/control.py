@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import files
-from .checkpoint.checkpointer import Checkpointer
-from .distributed import comm
-from .distributed.control import Request, StopAgreement
-from .guard import NonFiniteGuard
-from .progress import NON_FINITE, PREEMPTED, Progress, RunStopped
+from ..checkpoint import files
+from ..checkpoint.checkpointer import Checkpointer
+from ..distributed import comm
+from ..distributed.control import Request, StopAgreement
+from ..train.guard import NonFiniteGuard
+from ..train.progress import NON_FINITE, PREEMPTED, Progress, RunStopped
 from .signals import StopSignals
 
 logger = logging.getLogger("fastclip")

@@ -1,6 +1,6 @@
 """Export a training checkpoint as an open_clip `local-dir:` model folder.
 
-    python -m fastclip.export logs/NAME/checkpoints/epoch_N.pt OUT [--model NAME] [--force]
+    python -m fastclip.tools.export logs/NAME/checkpoints/epoch_N.pt OUT [--model NAME] [--force]
 
 OUT receives the two files open_clip 3.3.0 reads for `local-dir:OUT`: `open_clip_model.safetensors`
 (the model weights alone, the learned logit_scale among them) and `open_clip_config.json` (the full

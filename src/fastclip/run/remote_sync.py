@@ -31,8 +31,8 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .checkpoint import files, sharded
-from .runlock import RunLock
+from ..checkpoint import files, sharded
+from .lock import RunLock
 
 logger = logging.getLogger("fastclip")
 PROTOCOLS = ("s3", "fsspec")

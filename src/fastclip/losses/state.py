@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .distributed import comm
+from ..distributed import comm
 
 
 def _last_occurrence(index: torch.Tensor) -> torch.Tensor:

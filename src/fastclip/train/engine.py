@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, Protocol
 import torch
 
 from .guard import NonFiniteGuard, SkippingStep
-from .log import LOGGER_NAME, MetricsSink, format_duration
-from .losses.base import Objective
+from ..run.log import LOGGER_NAME, MetricsSink, format_duration
+from ..losses.base import Objective
 from .optim import clamp_logit_scale, unwrap
 from .precision import Precision
 from .progress import Progress
