@@ -26,27 +26,23 @@ import math
 import pstats
 import re
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import MIN_REPEATS, Runs, Summary, alternate, machine, markdown_table, summarize, write_report  # noqa: E402
-from fastclip.datasets.synthetic import build_synthetic_loader  # noqa: E402
-from fastclip.distributed import comm  # noqa: E402
-from fastclip.train.engine import PHASES  # noqa: E402
-from fastclip.losses.base import Objective  # noqa: E402
-from fastclip.models import build_model  # noqa: E402
-from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, FLOOR, MODEL, OPENCLIP, VARIANTS,  # noqa: E402
+from common import MIN_REPEATS, Runs, Summary, alternate, machine, markdown_table, summarize, write_report
+from fastclip.datasets.synthetic import build_synthetic_loader
+from fastclip.distributed import comm
+from fastclip.train.engine import PHASES
+from fastclip.losses.base import Objective
+from fastclip.models import build_model
+from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, FLOOR, MODEL, OPENCLIP, VARIANTS,
                    build_trainer, build_variant_objective, run_on_ranks, run_window, synthetic_batches,
                    variant_args)
-from tables import ms  # noqa: E402
+from tables import ms
 
 TARGET_OVERHEAD = 0.03  # objective + state + communication, share of the step at b = 128
 TARGET_WORLD = 2

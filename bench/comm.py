@@ -20,9 +20,7 @@ import functools
 import inspect
 import itertools
 import logging
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import open_clip
@@ -30,13 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.distributed import comm  # noqa: E402
-from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, MODEL, OPENCLIP, build_trainer,  # noqa: E402
+from common import machine, markdown_table, write_report
+from fastclip.distributed import comm
+from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, MODEL, OPENCLIP, build_trainer,
                    run_on_ranks, run_window, synthetic_batches)
-from tables import human_bytes  # noqa: E402
+from tables import human_bytes
 
 WORLD = 2
 FLOAT = 4  # bytes of a float32

@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -132,6 +134,27 @@ def parse_peak_cuda(output: str) -> Metrics:
             allocated, reserved = (int(x) for x in line.split()[1:3])
             return {"peak_allocated_gib": allocated / 2**30, "peak_reserved_gib": reserved / 2**30}
     return {}
+
+
+# ---------------------------------------------------------------------------------- this process
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def current_rss() -> int:
+    """Bytes resident now (Linux /proc), to tell what building took from what running added."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """Bytes resident at this process's high-water mark."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ------------------------------------------------------------------------------- convergence runs

@@ -29,17 +29,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
-
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import torch
+from common import (
     OUT_DIR,
     ROOT,
     demo_shards,
@@ -51,9 +47,9 @@ from common import (  # noqa: E402
     write_report,
 )
 
-from fastclip.datasets.demo import DemoData  # noqa: E402
-from fastclip.datasets.digits import build_digits  # noqa: E402
-from training.main import main as train  # noqa: E402
+from fastclip.datasets.demo import DemoData
+from fastclip.datasets.digits import build_digits
+from training.main import main as train
 
 TOP1 = "imagenet-zeroshot-val-top1"
 CHANCE = 0.1  # both data sets have 10 balanced classes

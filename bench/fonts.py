@@ -40,10 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
-
-from common import (  # noqa: E402
+from common import (
     OUT_DIR,
     ROOT,
     markdown_table,
@@ -54,9 +51,9 @@ from common import (  # noqa: E402
     run_command,
     write_report,
 )
-from convergence import VERSIONS, Optim, difference  # noqa: E402
+from convergence import VERSIONS, Optim, difference
 
-from fastclip.datasets.fonts import FontsData, MissingFonts, build_fonts  # noqa: E402
+from fastclip.datasets.fonts import FontsData, MissingFonts, build_fonts
 
 RANKS = 2
 # results.jsonl's retrieval metrics (fastclip.evaluate) and their short names

@@ -19,17 +19,13 @@ Finished runs are reused, as in bench/fonts.py.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH_DIR), str(BENCH_DIR.parent / "src")]
-
-from common import OUT_DIR, markdown_table, reuse_or_train, write_report  # noqa: E402
-from fonts import FULL, METRICS, OPTIM, QUICK, RANKS, Run, load_data, read_result, run_argv, torchrun  # noqa: E402
+from common import OUT_DIR, markdown_table, reuse_or_train, write_report
+from fonts import FULL, METRICS, OPTIM, QUICK, RANKS, Run, load_data, read_result, run_argv, torchrun
 
 BATCH, SEED = 16, 0
 

@@ -41,6 +41,12 @@ from typing import Callable, Iterator, Sequence
 import common
 import torch
 
+from fastclip.distributed import init_distributed
+from fastclip.models import ModelBundle
+from fastclip.train.engine import Trainer
+from ranks import build_engine
+from training.params import parse_args
+
 BASELINE = "open_clip_train"
 RUN_TIMEOUT_S = 240
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -175,27 +181,16 @@ VARIANTS = (
 )
 
 
-def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int, data_size: int):
-    """Our engine wired as training/main.py wires it for one process, from the same flags."""
-    from fastclip.distributed import init_distributed
-    from fastclip.models import build_model
-    from fastclip.train.precision import resolve_precision
-    from training.builders import build_objective
-    from training.builders import build_trainer as build_training
-    from training.params import parse_args
-
+def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int,
+                  data_size: int) -> tuple[Trainer, ModelBundle]:
+    """Our engine wired as training/main.py wires it for one process (`ranks.build_engine`), from the same flags."""
     args = parse_args(["--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", setup.model,
                        "--batch-size", str(batch_size), "--precision", setup.precision, "--device", setup.device,
                        "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", *variant.flags])
-    env = init_distributed(args.device)
-    precision = resolve_precision(args.precision, env.device)
-    bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
-    trainer = build_training(args, env, bundle.model, build_objective(args, env), precision,
-                             batches_per_epoch=10**6 // args.epochs)
-    return trainer, bundle
+    return build_engine(args, init_distributed(args.device))
 
 
-def resident_batches(bundle, device: torch.device, batch_size: int, data_size: int) -> Iterator[dict]:
+def resident_batches(bundle: ModelBundle, device: torch.device, batch_size: int, data_size: int) -> Iterator[dict]:
     """Batches already on the device; the indices move on every step, as new samples would."""
     size = bundle.model.visual.image_size
     size = size if isinstance(size, int) else size[0]
@@ -305,7 +300,7 @@ def measure_step(setup: GpuSetup, variant: StepVariant, batch_size: int) -> dict
     return result
 
 
-def non_finite_step(trainer, batches: Iterator[dict]) -> dict:
+def non_finite_step(trainer: Trainer, batches: Iterator[dict]) -> dict:
     """A step on NaN images: skipped on the device (weights unchanged, counted) with no added sync."""
     batch = next(batches)
     poisoned = dict(batch, image=torch.full_like(batch["image"], float("nan")))

@@ -17,22 +17,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import resource
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.distributed import comm  # noqa: E402
-from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective  # noqa: E402
-from ranks import CC3M_DATA_SIZE, OPENCLIP, build_trainer, rank_device, run_on_ranks, run_window  # noqa: E402
-from ranks import synthetic_batches  # noqa: E402
-from tables import human_bytes  # noqa: E402
+from common import current_rss, machine, markdown_table, peak_rss, write_report
+from fastclip.distributed import comm
+from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
+from ranks import CC3M_DATA_SIZE, OPENCLIP, build_trainer, rank_device, run_on_ranks, run_window
+from ranks import synthetic_batches
+from tables import human_bytes
 
 FLOAT = 4
 SCHEMES = {"v0/v1/v3": ("global_learnable", 2), "v2": ("individual_learnable", 10)}  # scheme, columns C
@@ -104,26 +98,17 @@ def formula_table() -> str:
 
 # ---- peak memory of short runs ------------------------------------------------------------------
 
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def rank_training_memory(variant: str, plan: Plan, data_size: int) -> dict:
     """A fresh process per run, so that the peak is this run's: RSS after building, peak RSS after
     the steps, and on a GPU the peak CUDA allocation."""
     device = rank_device(plan.device)
     trainer = build_trainer(variant, plan.rss_batch, data_size, device)
     batches = itertools.cycle(synthetic_batches(plan.rss_batch, 2, data_size, device))
-    built = _current_rss()
+    built = current_rss()
     run_window(trainer, batches, plan.rss_steps)
     state = getattr(trainer.objective, "state", None)
     state_bytes = 0 if state is None else state.table.numel() * state.table.element_size()
-    result = {"rss_built": built, "rss_peak": _peak_rss(), "state": state_bytes, "rank": comm.rank()}
+    result = {"rss_built": built, "rss_peak": peak_rss(), "state": state_bytes, "rank": comm.rank()}
     if device.type == "cuda":
         result["cuda_peak"] = torch.cuda.max_memory_allocated(device)
     return result

@@ -9,11 +9,11 @@ part of a step that no objective can avoid.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from common import free_port
 from fastclip.distributed import DistEnv, comm
 from fastclip.train.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
-from fastclip.models import build_model
+from fastclip.models import ModelBundle, build_model
 from fastclip.train.precision import resolve_precision
 from fastclip.train.progress import Progress
+from fastclip.run.log import MetricsSink
 from training.builders import build_objective
 from training.builders import build_trainer as build_training
 from training.params import parse_args
@@ -112,12 +114,6 @@ class WindowRecorder:
         self.last = dict(values)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # ranks share the machine's cores; more threads per rank only contend
@@ -149,7 +145,7 @@ def rank_device(kind: str) -> torch.device:
     return torch.device("cuda", comm.rank() % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
 
 
-def variant_args(variant: str, batch_size: int, data_size: int) -> Any:
+def variant_args(variant: str, batch_size: int, data_size: int) -> argparse.Namespace:
     """The resolved flags of a variant's seed command with this benchmark's model, batch and data size."""
     sizes = ["--batch-size", str(batch_size), "--train-num-samples", str(data_size), "--data_size", str(data_size)]
     return parse_args([*_COMMON, *sizes, *SEED_FLAGS[variant]])
@@ -165,16 +161,25 @@ def build_variant_objective(variant: str, args: Any, device: torch.device) -> Ob
     return TrivialObjective() if variant == FLOOR else build_objective(args, _env(device))
 
 
+def build_engine(args: argparse.Namespace, env: DistEnv, objective: Objective | None = None,
+                 metrics: MetricsSink | None = None) -> tuple[Trainer, ModelBundle]:
+    """What training/main.py builds for parsed flags (`training.builders.build_trainer`), the one path from
+    flags to a trainer in bench/; also the model bundle, whose tokenizer makes real text batches.
+    `objective` replaces the one the flags name (FLOOR's)."""
+    precision = resolve_precision(args.precision, env.device)
+    bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
+    objective = build_objective(args, env) if objective is None else objective
+    trainer = build_training(args, env, bundle.model, objective, precision, batches_per_epoch=10**6 // args.epochs,
+                             metrics=metrics)
+    return trainer, bundle
+
+
 def build_trainer(variant: str, batch_size: int, data_size: int, device: torch.device) -> Trainer:
-    """What training/main.py builds for the variant's flags (`training.builders.build_trainer`), with the
-    per-phase timer on (wall and CPU)."""
+    """`build_engine` for the variant's seed flags, with the per-phase timer on (wall and CPU)."""
     args = variant_args(variant, batch_size, data_size)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    precision = resolve_precision(args.precision, device)
-    model = build_model(args.model, device, args.temperature, precision.model_dtype).model
-    objective = build_variant_objective(variant, args, device)
-    trainer = build_training(args, _env(device), model, objective, precision, batches_per_epoch=10**6 // args.epochs,
-                             metrics=WindowRecorder())
+    trivial = TrivialObjective() if variant == FLOOR else None
+    trainer, _ = build_engine(args, _env(device), trivial, WindowRecorder())
     trainer.profile = True
     trainer.timer = WallAndCpuTimer(device, enabled=True)
     return trainer

@@ -16,9 +16,6 @@ the operation's extra memory. Loads are measured at K = 2 from files written at 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,14 +24,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.checkpoint.sharded import load_shard, write_manifest, write_shard  # noqa: E402
-from fastclip.distributed import comm  # noqa: E402
-from fastclip.losses.state import ShardedState  # noqa: E402
-from ranks import run_on_ranks  # noqa: E402
-from tables import human_bytes  # noqa: E402
+from common import current_rss, machine, markdown_table, peak_rss, write_report
+from fastclip.checkpoint.sharded import load_shard, write_manifest, write_shard
+from fastclip.distributed import comm
+from fastclip.losses.state import ShardedState
+from ranks import run_on_ranks
+from tables import human_bytes
 
 WORLD = 2
 FILL_ROWS = 1 << 12  # the table is filled in pieces, so that building it leaves no high-water mark above it
@@ -45,15 +40,6 @@ DENSE_FILE = "dense.pt"
 
 
 # ---- one measured operation on every rank -------------------------------------------------------
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
 
 def _barrier() -> None:
     if comm.world_size() > 1:
@@ -125,12 +111,12 @@ def measure_rank(operation: str, data_size: int, columns: int, directory: str) -
     loading = operation.startswith("load")
     state = ShardedState(data_size, [0.0] * columns) if loading else built_state(data_size, columns)
     _barrier()
-    built, peak_before = _current_rss(), _peak_rss()
+    built, peak_before = current_rss(), peak_rss()
     start = time.perf_counter()
     OPERATIONS[operation](state, Path(directory))
     wall = time.perf_counter() - start
     return {"rank": comm.rank(), "table_bytes": state.table.numel() * state.table.element_size(),
-            "rss_built": built, "peak_before": peak_before, "peak_after": _peak_rss(), "wall_s": wall,
+            "rss_built": built, "peak_before": peak_before, "peak_after": peak_rss(), "wall_s": wall,
             "checksum": float(torch.sum(state.table, dtype=torch.float64))}
 
 

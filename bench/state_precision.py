@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "src")]
-
-from common import machine, markdown_table, write_report  # noqa: E402
-from fastclip.losses.moving_average import BoundedMovingAverage, LogMovingAverage  # noqa: E402
-from fastclip.train.schedules import gamma_at_epoch  # noqa: E402
+from common import machine, markdown_table, write_report
+from fastclip.losses.moving_average import BoundedMovingAverage, LogMovingAverage
+from fastclip.train.schedules import gamma_at_epoch
 
 TAU, EPS, BATCH = 0.01, 1e-14, 128
 REGIMES = {  # (mean positive, mean negative, spread of similarities, share of hard negatives)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from ranks import free_port
 
 MODEL = "ViT-Tiny-32px"
 THREADS_LINE = re.compile(r"CPU threads per rank\s+(\d+)")
@@ -65,7 +64,7 @@ def train_argv(setup: Setup, data, ranks: int, logs: Path, name: str) -> list[st
 
 def launch(argv: list[str], ranks: int, omp_threads: int | None) -> str:
     """Rank 0's output of one run: `ranks` srun-style processes, OMP_NUM_THREADS as given (None: unset)."""
-    port = free_port()
+    port = common.free_port()
     processes = []
     for rank in range(ranks):
         env = base_env()
