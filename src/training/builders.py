@@ -246,8 +246,9 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
         MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master, wandb_project=args.wandb_project_name,
                     wandb_notes=args.wandb_notes)))
     trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
-    parts = StatefulParts(trainer.model, trainer.optimizer, trainer.stepper, objective,
-                          trainer.guard, data.train, extra={"name": args.name, "config": plain_config(args)})
+    states = {"optimizer": trainer.optimizer, "scaler": trainer.stepper, "objective": objective, "guard": trainer.guard}
+    parts = StatefulParts(trainer.model, objective, states, data.train,
+                          extra={"name": args.name, "config": plain_config(args)})
     steps_per_epoch = trainer.steps_per_epoch(len(data.train))
     checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps_per_epoch)
     policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,

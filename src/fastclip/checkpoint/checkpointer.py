@@ -6,6 +6,9 @@ own shard), and sends rank 0 a few small values (its RNG states and its data pos
 writes the manifest and the `<stem>.pt` itself, atomically; the .pt names the folder, so the new
 checkpoint exists exactly when its .pt does and the previous one stays intact until then.
 
+The .pt holds the bare model under "state_dict", each registered part (`StatefulParts.states`) under
+its own name, the progress, the ranks' small values under "ranks" and the recorded extras.
+
 Restoring is collective too: each candidate (newest first for `latest`) is verified on every rank
 (the .pt loads and holds finite weights; the rank's per-sample files match their manifest and
 checksums) and used only when every rank could read its part; otherwise all ranks move on together.
@@ -19,13 +22,12 @@ import random
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..distributed import comm, control
-from ..train.guard import NonFiniteGuard, SkippingStep
 from ..losses.base import Objective
 from ..train.optim import unwrap
 from ..train.progress import Progress
@@ -34,17 +36,42 @@ from . import files, sharded
 logger = logging.getLogger("fastclip")
 
 
+# The .pt's own entries; no registered part or extra may take their names.
+RESERVED = ("epoch", "step", "step_in_epoch", "steps_per_epoch", "world_size", "state_dict", "per_sample_dir",
+            "ranks")
+
+
+class Stateful(Protocol):
+    """A registered part: its state as plain tensors and values (weights_only-loadable), and back."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class StatefulParts:
-    """Everything a run changes as it trains; `loader` is the training loader (position in the epoch)."""
+    """Everything a run changes as it trains.
+
+    `states` is the registry: each part's state_dict() is saved under its name and handed back to its
+    load_state_dict() on resume, so that a new part (an EMA model, a data-mixing state) is one entry
+    where the run is built. Parts hold state every rank shares: rank 0's is saved. The other fields are
+    special: `model` is saved bare (unwrapped, finite) under "state_dict", where open_clip.load_checkpoint
+    reads it; `objective`'s per-sample state is written sharded per rank beside the .pt (its small values
+    are a registered part); `loader` (the training loader) holds a per-rank position, gathered to rank 0
+    with the RNG states; `extra` (run name, resolved flags) is recorded, never restored.
+    """
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    stepper: SkippingStep  # the loss scaler's state, if any
     objective: Objective
-    guard: NonFiniteGuard
+    states: dict[str, Stateful]
     loader: Any = None
-    extra: dict = field(default_factory=dict)  # recorded, never restored (run name, resolved flags)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        taken = [name for name in self.states if name in RESERVED or name in self.extra]
+        if taken:
+            raise ValueError(f"stateful parts {taken} would overwrite other entries of the checkpoint")
 
 
 def capture_rng() -> dict:
@@ -145,10 +172,7 @@ class Checkpointer:
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": comm.world_size(),
             "state_dict": weights,
-            "optimizer": parts.optimizer.state_dict(),
-            "scaler": parts.stepper.state_dict(),
-            "objective": parts.objective.state_dict(),
-            "guard": parts.guard.state_dict(),
+            **{name: part.state_dict() for name, part in parts.states.items()},
             "per_sample_dir": None if state_dir is None else state_dir.name,
             "ranks": ranks,
         }
@@ -195,12 +219,8 @@ class Checkpointer:
         per_sample.table[: mine.shape[0]] = mine.to(per_sample.table)
 
     def _apply(self, path: Path, checkpoint: dict) -> Progress:
-        parts = self.parts
-        unwrap(parts.model).load_state_dict(files.model_state(checkpoint))
-        parts.optimizer.load_state_dict(checkpoint["optimizer"])
-        parts.stepper.load_state_dict(checkpoint.get("scaler", {}))
-        parts.objective.load_state_dict(checkpoint["objective"])
-        parts.guard.load_state_dict(checkpoint.get("guard", {}))
+        unwrap(self.parts.model).load_state_dict(files.model_state(checkpoint))
+        self._load_states(path, checkpoint)
         progress = Progress(int(checkpoint["epoch"]), int(checkpoint.get("step_in_epoch", 0)), int(checkpoint["step"]))
         saved = saved_steps_per_epoch(checkpoint)
         if self.steps_per_epoch is not None and saved is not None and saved != self.steps_per_epoch:
@@ -214,6 +234,16 @@ class Checkpointer:
         logger.info("resumed from %s at epoch %d, step %d (%d into the epoch)", path, progress.epoch,
                     progress.global_step, progress.step_in_epoch)
         return progress
+
+    def _load_states(self, path: Path, checkpoint: dict) -> None:
+        """Each registered part from the entry of its name; a part the checkpoint predates (the guard of
+        older checkpoints, a part added since) keeps its fresh state."""
+        for name, part in self.parts.states.items():
+            if name in checkpoint:
+                part.load_state_dict(checkpoint[name])
+            else:
+                logger.warning("%s holds no %r state (written before that part was saved): it starts afresh",
+                               path, name)
 
     def _restore_rank_state(self, checkpoint: dict, progress: Progress) -> None:
         """This rank's RNG states and data position, when the checkpoint was written by as many ranks."""
