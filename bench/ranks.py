@@ -32,7 +32,7 @@ from fastclip.train.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
 from fastclip.models import ModelBundle, build_model
 from fastclip.train.precision import resolve_precision
-from fastclip.train.progress import Progress
+from fastclip.train.progress import Progress, StepPlan
 from fastclip.run.log import MetricsSink
 from training.builders import build_objective
 from training.builders import build_trainer as build_training
@@ -169,8 +169,8 @@ def build_engine(args: argparse.Namespace, env: DistEnv, objective: Objective | 
     precision = resolve_precision(args.precision, env.device)
     bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
     objective = build_objective(args, env) if objective is None else objective
-    trainer = build_training(args, env, bundle.model, objective, precision, batches_per_epoch=10**6 // args.epochs,
-                             metrics=metrics)
+    steps = StepPlan.of_epoch(10**6 // args.epochs, args.accum_freq, args.epochs)
+    trainer = build_training(args, env, bundle.model, objective, precision, steps, metrics=metrics)
     return trainer, bundle
 
 

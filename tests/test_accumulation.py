@@ -12,6 +12,7 @@ from multiprocess import spawn
 from fastclip.distributed import DistEnv, comm
 from fastclip.models import ModelOptions, build_model
 from fastclip.train.precision import resolve_precision
+from fastclip.train.progress import StepPlan
 from training.builders import build_objective, build_trainer
 from training.main import main
 from training.params import parse_args
@@ -39,7 +40,7 @@ def step_gradients(loss_flags: list[str], accum_freq: int, inputs: dict) -> dict
     bundle = build_model(MODEL, temperature=args.temperature, options=ModelOptions.from_args(args))
     bundle.model.load_state_dict(inputs["weights"], strict=False)  # SigLIP's logit_bias keeps its init
     trainer = build_trainer(args, env, bundle.model, build_objective(args, env), resolve_precision("fp32", env.device),
-                            batches_per_epoch=8)
+                            StepPlan.of_epoch(8, args.accum_freq, args.epochs))
     share = slice(rank * MICRO * ACCUM, (rank + 1) * MICRO * ACCUM)
     local = {k: inputs[k][share] for k in ("images", "texts", "index")}
     size = MICRO * ACCUM // accum_freq

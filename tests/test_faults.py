@@ -223,13 +223,14 @@ def test_a_non_finite_step_changes_nothing(tmp_path):
 
     from fastclip.distributed import DistEnv
     from fastclip.train.precision import resolve_precision
+    from fastclip.train.progress import StepPlan
 
     args = parse_args(synthetic(tmp_path, "unit"))
     env = DistEnv()
     precision = resolve_precision("fp32", env.device)
     bundle = build_model(args.model, env.device, args.temperature)
     objective = build_objective(args, env)
-    trainer = build_trainer(args, env, bundle.model, objective, precision, batches_per_epoch=6)
+    trainer = build_trainer(args, env, bundle.model, objective, precision, StepPlan.of_epoch(6, 1, args.epochs))
     images = torch.rand(BATCH, 3, 32, 32)
     batch = {"image": images, "text": bundle.tokenizer(["a photo"] * BATCH), "index": torch.arange(BATCH)}
     trainer.train_step([batch])

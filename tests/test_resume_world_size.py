@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fastclip.checkpoint.checkpointer import rescale, saved_steps_per_epoch
+from fastclip.train.progress import StepPlan, batches_per_epoch
 from fastclip.train.progress import Progress
 from fastclip.train.schedules import LrSchedule
 from launch import check, start_torchrun
@@ -50,7 +51,16 @@ def test_steps_per_epoch_of_older_checkpoints():
     assert saved_steps_per_epoch({"epoch": 2, "step": 19, "step_in_epoch": 3}) == 8
     assert saved_steps_per_epoch({"epoch": 0, "step": 3, "step_in_epoch": 3, "world_size": 2,
                                   "config": {"train_num_samples": 64, "batch_size": 8}}) == 4
+    # --accum-freq 2: one optimizer step per 2 of the ceil(100 / 16) = 7 batches, the last one dropped
+    assert saved_steps_per_epoch({"epoch": 0, "step": 1, "step_in_epoch": 1, "world_size": 2,
+                                  "config": {"train_num_samples": 100, "batch_size": 8, "accum_freq": 2}}) == 3
     assert saved_steps_per_epoch({"epoch": 0, "step": 3, "step_in_epoch": 3}) is None
+
+
+def test_one_step_plan_for_every_count():
+    plan = StepPlan.of_samples(100, batch_size=8, world_size=2, accum_freq=2, epochs=5)
+    assert (batches_per_epoch(100, 8, 2), plan.steps_per_epoch, plan.total_steps) == (7, 3, 15)
+    assert StepPlan.of_epoch(7, accum_freq=1, epochs=5) == StepPlan(7, 5)
 
 
 def test_two_ranks_resumed_on_one_end_like_an_uninterrupted_one_rank_run(tmp_path):

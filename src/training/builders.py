@@ -23,7 +23,7 @@ from fastclip.checkpoint import files
 from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
 from fastclip.distributed import DistEnv, control
 from fastclip.distributed.threads import configure_cpu_threads, local_ranks
-from fastclip.train.engine import Trainer, optimizer_steps
+from fastclip.train.engine import Trainer
 from fastclip.run.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
@@ -32,7 +32,7 @@ from fastclip.losses.siglip import SigLIPObjective
 from fastclip.models import ModelBundle, ModelOptions, build_model
 from fastclip.train.optim import build_optimizer
 from fastclip.train.precision import Precision, PrecisionError, resolve_precision, slow_on_device
-from fastclip.train.progress import Progress
+from fastclip.train.progress import Progress, StepPlan
 from fastclip.run.remote_sync import RemoteSync, RemoteSyncError, check_remote, fetch_checkpoints, remote_run_dir
 from fastclip.run.control import RunControl, SavePolicy
 from fastclip.run.lock import RunFolderBusy, RunLock
@@ -40,6 +40,7 @@ from fastclip.train.schedules import LrSchedule, TauLrSchedule
 from fastclip.run.signals import StopSignals
 from fastclip.run.summary import RunFacts, format_summary, silence_known_warnings, version_name
 from training.data_setup import DataBundle, build_data, resolve_auto_sizes
+from training import preflight
 from training.evaluation import run_evaluations
 from training.params import save_params, trains
 
@@ -68,20 +69,17 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv, sync_batch_norm: bool = False
 
 
 def build_trainer(args: argparse.Namespace, env: DistEnv, model: torch.nn.Module, objective: Objective,
-                  precision: Precision, batches_per_epoch: int, metrics: MetricsSink | None = None) -> Trainer:
-    """Optimizer, schedules over `args.epochs` epochs of `batches_per_epoch` // --accum-freq steps, DDP and
-    compile around `model`."""
-    steps_per_epoch = optimizer_steps(batches_per_epoch, args.accum_freq)
+                  precision: Precision, steps: StepPlan, metrics: MetricsSink | None = None) -> Trainer:
+    """Optimizer, schedules over the `steps` of the run, DDP and compile around `model`."""
     if not objective.learns_model_temperature:
         model.logit_scale.requires_grad_(False)
     tau_lr = args.lr_tau if args.fastclip and objective.learns_model_temperature else None
     optimizer = build_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps, tau_lr,
                                 fused=env.device.type == "cuda", opt=args.opt, momentum=args.momentum)
-    total_steps = steps_per_epoch * args.epochs
-    cooldown_steps = (args.epochs_cooldown or 0) * steps_per_epoch
-    lr_schedule = LrSchedule("none" if args.skip_scheduler else args.lr_scheduler, args.lr, args.warmup, total_steps,
-                             cooldown_steps, args.lr_cooldown_end, args.lr_cooldown_power)
-    tau_schedule = TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, total_steps)
+    cooldown_steps = (args.epochs_cooldown or 0) * steps.steps_per_epoch
+    lr_schedule = LrSchedule("none" if args.skip_scheduler else args.lr_scheduler, args.lr, args.warmup,
+                             steps.total_steps, cooldown_steps, args.lr_cooldown_end, args.lr_cooldown_power)
+    tau_schedule = TauLrSchedule(args.lr_tau_scheduler, args.lr_tau, args.warmup, steps.total_steps)
     if env.distributed:
         model = wrap_ddp(model, env, args.use_bn_sync, args.ddp_static_graph)
     if args.torchcompile:
@@ -119,7 +117,7 @@ def build_objective(args: argparse.Namespace, env: DistEnv) -> Objective:
 
 @dataclass
 class Run:
-    """A set-up run; `trainer` and `control` are None when it only evaluates."""
+    """A set-up run; `steps`, `trainer`, `checkpointer` and `control` are None when it only evaluates."""
 
     args: argparse.Namespace
     env: DistEnv
@@ -127,6 +125,7 @@ class Run:
     bundle: ModelBundle
     precision: Precision
     data: DataBundle
+    steps: StepPlan | None
     trainer: Trainer | None
     checkpointer: Checkpointer | None
     control: RunControl | None
@@ -240,24 +239,24 @@ def _build_run(args: argparse.Namespace, env: DistEnv, stack: contextlib.ExitSta
         save_params(args, run_dir)
     if not trains(args) or data.train is None:
         log_startup_summary(args, env, run_dir, bundle, precision, 0, None, cpu_threads)
-        return Run(args, env, run_dir, bundle, precision, data, None, None, None, stack)
+        return Run(args, env, run_dir, bundle, precision, data, None, None, None, None, stack)
     objective = build_objective(args, env)
     metrics = stack.enter_context(contextlib.closing(
         MetricsSink(run_dir, args.report_to, vars(args), enabled=env.is_master, wandb_project=args.wandb_project_name,
                     wandb_notes=args.wandb_notes)))
-    trainer = build_trainer(args, env, bundle.model, objective, precision, len(data.train), metrics)
+    steps = StepPlan.of_epoch(len(data.train), args.accum_freq, args.epochs)
+    trainer = build_trainer(args, env, bundle.model, objective, precision, steps, metrics)
     states = {"optimizer": trainer.optimizer, "scaler": trainer.stepper, "objective": objective, "guard": trainer.guard}
     parts = StatefulParts(trainer.model, objective, states, data.train,
                           extra={"name": args.name, "config": plain_config(args)})
-    steps_per_epoch = trainer.steps_per_epoch(len(data.train))
-    checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps_per_epoch)
+    checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps.steps_per_epoch)
     policy = SavePolicy(args.save_frequency, args.epochs, args.save_most_recent, args.delete_previous_checkpoint,
                         args.save_every_n_steps, args.save_every_minutes)
     signals = stack.enter_context(StopSignals())
     run_control = RunControl(checkpointer, policy, signals, trainer.guard)
     stack.callback(run_control.close)
-    log_startup_summary(args, env, run_dir, bundle, precision, steps_per_epoch, objective, cpu_threads)
-    return Run(args, env, run_dir, bundle, precision, data, trainer, checkpointer, run_control, stack)
+    log_startup_summary(args, env, run_dir, bundle, precision, steps.steps_per_epoch, objective, cpu_threads)
+    return Run(args, env, run_dir, bundle, precision, data, steps, trainer, checkpointer, run_control, stack)
 
 
 def log_startup_summary(args: argparse.Namespace, env: DistEnv, run_dir: Path, bundle: ModelBundle,
@@ -300,12 +299,11 @@ def plain_config(args: argparse.Namespace) -> dict:
 
 
 def resume_candidates(args: argparse.Namespace, run_dir: Path) -> tuple[list[Path], bool]:
-    """The checkpoints `--resume` names, newest first, and whether the user named one explicitly."""
-    if args.resume is None:
-        return [], False
+    """The checkpoints `--resume` names, newest first (`preflight.resume_candidates`), and whether the user
+    named one explicitly; the unreadable ones of 'latest' are logged, and none usable at all is an error."""
+    candidates, unreadable, explicit = preflight.resume_candidates(args)
     if args.resume != "latest":
-        return [Path(args.resume)], True
-    candidates, unreadable = files.newest_first(run_dir / "checkpoints")
+        return candidates, explicit
     for problem in unreadable:
         logger.warning("--resume latest: skipping a bad checkpoint: %s", problem)
     if not candidates and not unreadable:

@@ -25,7 +25,6 @@ def train_and_evaluate(run: Run) -> dict:
         unwrap(run.model).load_state_dict(files.model_state(checkpoint))
         logger.info("loaded model weights of %s (epoch %s)", path, checkpoint["epoch"])
         return run.evaluate(Progress(epoch=int(checkpoint["epoch"]), global_step=int(checkpoint["step"])), path)
-    steps_per_epoch = run.trainer.steps_per_epoch(len(run.data.train))
     progress, restored = run.checkpointer.restore(candidates, explicit)
     if progress.epoch >= args.stop_epochs:
         logger.info("the checkpoint has already trained %d of %d epochs: evaluating only", progress.epoch,
@@ -36,7 +35,7 @@ def train_and_evaluate(run: Run) -> dict:
         if progress.step_in_epoch == 0:  # a resumed epoch restored its RNG states and data position
             seed_everything(args.seed + env.rank + 7919 * epoch)
             run.data.train.set_epoch(epoch)
-        if not run.trainer.train_epoch(run.data.train, progress, steps_per_epoch, steps_per_epoch * args.epochs,
+        if not run.trainer.train_epoch(run.data.train, progress, run.steps.steps_per_epoch, run.steps.total_steps,
                                        run.control):
             raise run.control.stop(progress)
         progress.finish_epoch()

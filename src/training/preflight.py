@@ -66,14 +66,21 @@ def _check_csv(flag: str, path: str) -> None:
         _fail(f"{flag} {path}: no such CSV file (relative paths start in {Path.cwd()}): fix the path")
 
 
+def resume_candidates(args: argparse.Namespace) -> tuple[list[Path], list[str], bool]:
+    """The checkpoints --resume names, newest first; for 'latest', why the unreadable ones were left out;
+    and whether the user named one explicitly."""
+    if args.resume is None:
+        return [], [], False
+    if args.resume != "latest":
+        return [Path(args.resume)], [], True
+    newest, unreadable = files.newest_first(Path(args.logs) / args.name / "checkpoints")
+    return newest, unreadable, False
+
+
 def resume_path(args: argparse.Namespace) -> Path | None:
     """The checkpoint the run will start from: --resume PATH, or the newest readable one for 'latest'."""
-    if args.resume is None:
-        return None
-    if args.resume != "latest":
-        return Path(args.resume)
-    newest, _ = files.newest_first(Path(args.logs) / args.name / "checkpoints")
-    return newest[0] if newest else None
+    candidates, _, _ = resume_candidates(args)
+    return candidates[0] if candidates else None
 
 
 def settle_model(args: argparse.Namespace) -> None:

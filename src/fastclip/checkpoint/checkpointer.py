@@ -17,7 +17,6 @@ checksums) and used only when every rank could read its part; otherwise all rank
 from __future__ import annotations
 
 import logging
-import math
 import random
 import secrets
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch
 from ..distributed import comm, control
 from ..losses.base import Objective
 from ..train.optim import unwrap
-from ..train.progress import Progress
+from ..train.progress import Progress, StepPlan
 from . import files, sharded
 
 logger = logging.getLogger("fastclip")
@@ -276,7 +275,8 @@ def saved_steps_per_epoch(checkpoint: dict) -> int | None:
         return (step - in_epoch) // epoch
     config, world_size = checkpoint.get("config", {}), checkpoint.get("world_size")
     if all(isinstance(config.get(k), int) for k in ("train_num_samples", "batch_size")) and world_size:
-        return math.ceil(config["train_num_samples"] / (config["batch_size"] * int(world_size)))
+        return StepPlan.of_samples(config["train_num_samples"], config["batch_size"], int(world_size),
+                                   config.get("accum_freq") or 1).steps_per_epoch
     return None
 
 

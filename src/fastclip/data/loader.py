@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import signal
 import traceback
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence, TypeVar
@@ -65,6 +64,7 @@ from .samples import (
     derive_rng,
     seeded_rngs,
 )
+from ..train.progress import batches_per_epoch
 from .csv import CsvTable
 from .shards import (
     draw_probabilities,
@@ -96,11 +96,6 @@ class SlotPosition(NamedTuple):
     pass_index: int = 0
     taken: int = 0
     batches: int = 0
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Batches every rank yields per epoch: ceil(num_samples / global batch), as open_clip counts."""
-    return math.ceil(num_samples / (batch_size * world_size))
 
 
 def ignore_signals(worker_id: int) -> None:
@@ -510,7 +505,7 @@ def build_train_loader(
         rank=rank, world_size=world_size, data_size=data_size, shuffle_buffer=shuffle_buffer,
         draw_probabilities=probabilities,
     )
-    return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
+    return TrainLoader(dataset, batches_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
 
 
 def build_val_loader(
@@ -559,7 +554,7 @@ def build_csv_train_loader(
                         f"row numbers are the sample indices: pass --data_size {len(table)} or leave it out")
     dataset = CsvTrainDataset(table, preprocess, tokenizer, batch_size, seed=seed, epoch=epoch, rank=rank,
                               world_size=world_size)
-    return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
+    return TrainLoader(dataset, batches_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
 
 
 def build_csv_val_loader(

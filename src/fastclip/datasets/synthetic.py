@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from fastclip.data.loader import SlotDataset, TrainLoader, steps_per_epoch
+from fastclip.data.loader import SlotDataset, TrainLoader
+from fastclip.train.progress import batches_per_epoch
 from fastclip.data.samples import SAMPLE_STREAM, Preprocess, Sample, SkipLog, Tokenizer, derive_rng
 
 _WORDS = ("a", "photo", "of", "the", "small", "large", "red", "blue", "dog", "cat", "car", "tree",
@@ -59,4 +60,4 @@ def build_synthetic_loader(
         raise ValueError(f"{num_samples=} leaves some of the {world_size} x {max(workers, 1)} worker slots empty")
     dataset = SyntheticDataset(num_samples, image_size, preprocess, tokenizer, batch_size,
                                seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return TrainLoader(dataset, steps_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
+    return TrainLoader(dataset, batches_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)

@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ..train.progress import StepPlan
+
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.jsonl"
 PARAMS_FILE = "params.json"
@@ -105,7 +107,7 @@ class Timeline:
     Anchors are the points where both are known: the start, the last logged step of every finished
     epoch (the training loop always logs an epoch's last step) and evaluations that record their step.
     Between anchors it interpolates; past the last one it continues with the last epoch's length, or
-    with ceil(train_num_samples / (batch_size x ranks)) from params.json when no epoch has finished.
+    with the steps per epoch that params.json's flags give when no epoch has finished.
     """
 
     def __init__(self, steps: list[float], epochs: list[float], steps_per_epoch: float | None) -> None:
@@ -147,8 +149,8 @@ class Timeline:
 
 
 def _steps_per_epoch_from_flags(train: list[dict], params: dict) -> float | None:
-    """ceil(train_num_samples / (batch_size x ranks)); the number of ranks is the ratio of the logged
-    samples/s to the samples/s per rank."""
+    """The run's optimizer steps per epoch from its flags (`StepPlan`, --accum-freq included); the number of
+    ranks is the ratio of the logged samples/s to the samples/s per rank."""
     samples, batch = params.get("train_num_samples"), params.get("batch_size")
     if not samples or not batch:
         return None
@@ -157,7 +159,7 @@ def _steps_per_epoch_from_flags(train: list[dict], params: dict) -> float | None
         if row.get("samples_per_second_per_rank"):
             ranks = round(row["samples_per_second"] / row["samples_per_second_per_rank"])
             break
-    return float(math.ceil(samples / (batch * ranks)))
+    return float(StepPlan.of_samples(samples, batch, ranks, params.get("accum_freq") or 1).steps_per_epoch)
 
 
 def numeric_columns(rows: list[dict], skip: set[str]) -> dict[str, list[tuple[int, float]]]:

@@ -51,11 +51,6 @@ class StepTimer:
         return totals
 
 
-def optimizer_steps(batches: int, accum_freq: int) -> int:
-    """Optimizer steps in an epoch of `batches` batches: one per `accum_freq` of them (a rest is dropped)."""
-    return batches // accum_freq
-
-
 def _groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
     """Consecutive lists of `size` batches; a shorter last list is dropped, as open_clip_train does."""
     iterator = iter(batches)
@@ -179,10 +174,6 @@ class Trainer:
         if self.grad_clip_norm is not None:
             return torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
         return torch.nn.utils.get_total_norm([p.grad for p in parameters])
-
-    def steps_per_epoch(self, batches_per_epoch: int) -> int:
-        """Optimizer steps in an epoch of `batches_per_epoch` batches."""
-        return optimizer_steps(batches_per_epoch, self.accum_freq)
 
     def train_epoch(self, loader: Iterable[dict], progress: Progress, steps_per_epoch: int, total_steps: int,
                     hook: StepHook | None = None) -> bool:
