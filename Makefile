@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install demo test bench bench-quick bench-fonts gpu-wheels clean
+.PHONY: install demo test test-fast bench bench-quick bench-fonts gpu-wheels clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: install
 test: install
 	$(PY) -m fastclip.datasets.packages install test
 	$(PY) -m pytest -q tests
+
+# the inner loop: everything but the multi-process, launcher and end-to-end tiers (tests/conftest.py's TIER_OF);
+# the pytest cache works, so `make test-fast PYTEST_ARGS=--lf` reruns the last failures first
+test-fast: install
+	$(PY) -m fastclip.datasets.packages install test
+	$(PY) -m pytest -q -m "not multiprocess and not launcher and not e2e" $(PYTEST_ARGS) tests
 
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -91,3 +91,61 @@ def tiny_run(demo, logs, name: str, epochs: int = 2, batch_size: int = 32) -> di
 
 
 SEED_COMMANDS = _seed_commands()
+
+# The suite's slow tiers, applied here and nowhere else; `make test-fast` leaves them out, `make test` runs all.
+TIERS = {
+    "multiprocess": "starts several gloo processes (torch.multiprocessing.spawn)",
+    "launcher": "starts the training script through torchrun, srun-style variables or the slurm scripts",
+    "e2e": "trains through the training script (or the demo, or a console script) end to end",
+}
+# test file, or file::test-name prefix -> tier (the first match counts)
+TIER_OF = {
+    # launcher: the training script started through torchrun, srun-style variables or the slurm scripts
+    "test_launch.py": "launcher",
+    "test_launchers.py::test_two_node_slurm_job": "launcher",
+    "test_slurm_script.py": "launcher",
+    "test_resume_exact.py": "launcher",
+    "test_resume_world_size.py::test_two_ranks": "launcher",
+    "test_resume_world_size.py::test_one_rank": "launcher",
+    "test_startup.py::test_readme_torchrun": "launcher",
+    "test_startup.py::test_summary_block": "launcher",
+    "test_startup.py::test_srun_ranks": "launcher",
+    # multiprocess: several gloo processes in one test
+    "test_fastclip_distributed.py": "multiprocess",
+    "test_state_files.py": "multiprocess",
+    "test_state.py::test_round_trips": "multiprocess",
+    "test_accumulation.py::test_accumulation_under_ddp": "multiprocess",
+    "test_distributed_eval.py::test_two_ranks": "multiprocess",
+    "test_data_sampling.py::test_a_sample_twice": "multiprocess",
+    "test_siglip.py::test_ddp": "multiprocess",
+    "test_reference_transcription.py::test_two_gloo": "multiprocess",
+    "test_index.py::test_two_ranks": "multiprocess",
+    "test_faults.py::test_a_stopped_rank": "multiprocess",
+    "test_faults.py::test_timed_checkpoints": "multiprocess",
+    "test_cli_errors.py::test_every_rank_stops": "multiprocess",
+    # e2e: whole training runs through the script, the demo or a console script
+    "test_carry_over_runs.py": "e2e",
+    "test_export.py": "e2e",
+    "test_faults.py": "e2e",
+    "test_train_e2e.py": "e2e",
+    "test_demo.py": "e2e",
+    "test_console_scripts.py": "e2e",
+    "test_csv_data.py::test_training_on_a_csv": "e2e",
+    "test_index.py::test_index_of_img2dataset": "e2e",
+    "test_index.py::test_fastclip_v3_trains": "e2e",
+    "test_distributed_eval.py::test_results_rows": "e2e",
+}
+
+
+def pytest_configure(config) -> None:
+    for name, meaning in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        for where, tier in TIER_OF.items():
+            file, _, prefix = where.partition("::")
+            if item.path.name == file and item.name.startswith(prefix):
+                item.add_marker(tier)
+                break
