@@ -41,7 +41,7 @@ from fastclip.losses.base import Objective
 from fastclip.models import build_model
 from ranks import (CC3M_DATA_SIZE, EMBED_DIM, FASTCLIP_VERSIONS, FLOOR, MODEL, OPENCLIP, VARIANTS,
                    build_trainer, build_variant_objective, run_on_ranks, run_window, synthetic_batches,
-                   variant_args)
+                   variant_config)
 from tables import ms
 
 TARGET_OVERHEAD = 0.03  # objective + state + communication, share of the step at b = 128
@@ -105,7 +105,7 @@ def _alternate_objectives(plan: Plan, b: int) -> Runs:
     state + communication cost without the model around it, which the full step's difference to
     FLOOR only estimates through the step's noise. One untimed call per variant warms up."""
     started = time.perf_counter()
-    objectives = {v: build_variant_objective(v, variant_args(v, b, plan.data_size), CPU) for v in VARIANTS}
+    objectives = {v: build_variant_objective(v, variant_config(v, b, plan.data_size), CPU) for v in VARIANTS}
     inputs = _objective_inputs(b, plan.data_size)
     for objective in objectives.values():
         _time_objective(objective, inputs, 1)

@@ -45,6 +45,7 @@ from fastclip.distributed import init_distributed
 from fastclip.models import ModelBundle
 from fastclip.train.engine import Trainer
 from ranks import build_engine
+from training.config import Config
 from training.params import parse_args
 
 BASELINE = "open_clip_train"
@@ -184,10 +185,11 @@ VARIANTS = (
 def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int,
                   data_size: int) -> tuple[Trainer, ModelBundle]:
     """Our engine wired as training/main.py wires it for one process (`ranks.build_engine`), from the same flags."""
-    args = parse_args(["--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", setup.model,
-                       "--batch-size", str(batch_size), "--precision", setup.precision, "--device", setup.device,
-                       "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", *variant.flags])
-    return build_engine(args, init_distributed(args.device))
+    config = Config.from_args(parse_args([
+        "--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", setup.model,
+        "--batch-size", str(batch_size), "--precision", setup.precision, "--device", setup.device,
+        "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", *variant.flags]))
+    return build_engine(config, init_distributed(config.run.device))
 
 
 def resident_batches(bundle: ModelBundle, device: torch.device, batch_size: int, data_size: int) -> Iterator[dict]:

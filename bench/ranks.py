@@ -9,7 +9,6 @@ part of a step that no objective can avoid.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -30,12 +29,13 @@ from common import free_port
 from fastclip.distributed import DistEnv, comm
 from fastclip.train.engine import PHASES, StepTimer, Trainer
 from fastclip.losses.base import Objective
-from fastclip.models import ModelBundle, build_model
+from fastclip.models import ModelBundle
 from fastclip.train.precision import resolve_precision
 from fastclip.train.progress import Progress, StepPlan
 from fastclip.run.log import MetricsSink
-from training.builders import build_objective
+from training.builders import build_model_of, build_objective
 from training.builders import build_trainer as build_training
+from training.config import Config
 from training.params import parse_args
 
 MODEL = "ViT-Tiny-32px"
@@ -145,10 +145,10 @@ def rank_device(kind: str) -> torch.device:
     return torch.device("cuda", comm.rank() % torch.cuda.device_count()) if kind == "cuda" else torch.device("cpu")
 
 
-def variant_args(variant: str, batch_size: int, data_size: int) -> argparse.Namespace:
-    """The resolved flags of a variant's seed command with this benchmark's model, batch and data size."""
+def variant_config(variant: str, batch_size: int, data_size: int) -> Config:
+    """The configuration of a variant's seed command with this benchmark's model, batch and data size."""
     sizes = ["--batch-size", str(batch_size), "--train-num-samples", str(data_size), "--data_size", str(data_size)]
-    return parse_args([*_COMMON, *sizes, *SEED_FLAGS[variant]])
+    return Config.from_args(parse_args([*_COMMON, *sizes, *SEED_FLAGS[variant]]))
 
 
 def _env(device: torch.device) -> DistEnv:
@@ -156,30 +156,31 @@ def _env(device: torch.device) -> DistEnv:
     return DistEnv(comm.rank(), comm.world_size(), comm.rank(), device)
 
 
-def build_variant_objective(variant: str, args: Any, device: torch.device) -> Objective:
+def build_variant_objective(variant: str, config: Config, device: torch.device) -> Objective:
     """The variant's objective as training builds it from its flags (FLOOR: the trivial one)."""
-    return TrivialObjective() if variant == FLOOR else build_objective(args, _env(device))
+    return TrivialObjective() if variant == FLOOR else build_objective(config, _env(device))
 
 
-def build_engine(args: argparse.Namespace, env: DistEnv, objective: Objective | None = None,
+def build_engine(config: Config, env: DistEnv, objective: Objective | None = None,
                  metrics: MetricsSink | None = None) -> tuple[Trainer, ModelBundle]:
-    """What training/main.py builds for parsed flags (`training.builders.build_trainer`), the one path from
-    flags to a trainer in bench/; also the model bundle, whose tokenizer makes real text batches.
-    `objective` replaces the one the flags name (FLOOR's)."""
-    precision = resolve_precision(args.precision, env.device)
-    bundle = build_model(args.model, env.device, args.temperature, precision.model_dtype)
-    objective = build_objective(args, env) if objective is None else objective
-    steps = StepPlan.of_epoch(10**6 // args.epochs, args.accum_freq, args.epochs)
-    trainer = build_training(args, env, bundle.model, objective, precision, steps, metrics=metrics)
+    """What training/main.py builds for a configuration (`training.builders`: the model, the objective,
+    `build_trainer`), the one path from flags to a trainer in bench/; also the model bundle, whose tokenizer
+    makes real text batches. `objective` replaces the one the flags name (FLOOR's)."""
+    precision = resolve_precision(config.optim.precision, env.device)
+    bundle = build_model_of(config, env.device, precision)
+    objective = build_objective(config, env) if objective is None else objective
+    optim = config.optim
+    steps = StepPlan.of_epoch(10**6 // optim.epochs, optim.accum_freq, optim.epochs)
+    trainer = build_training(config, env, bundle.model, objective, precision, steps, metrics=metrics)
     return trainer, bundle
 
 
 def build_trainer(variant: str, batch_size: int, data_size: int, device: torch.device) -> Trainer:
     """`build_engine` for the variant's seed flags, with the per-phase timer on (wall and CPU)."""
-    args = variant_args(variant, batch_size, data_size)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    config = variant_config(variant, batch_size, data_size)
+    torch.manual_seed(config.run.seed)  # identical initial weights on every rank
     trivial = TrivialObjective() if variant == FLOOR else None
-    trainer, _ = build_engine(args, _env(device), trivial, WindowRecorder())
+    trainer, _ = build_engine(config, _env(device), trivial, WindowRecorder())
     trainer.profile = True
     trainer.timer = WallAndCpuTimer(device, enabled=True)
     return trainer

@@ -3,6 +3,7 @@ on one process and under DDP (2 gloo ranks, gradients all-reduced once per step)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from fastclip.models import ModelOptions, build_model
 from fastclip.train.precision import resolve_precision
 from fastclip.train.progress import StepPlan
 from training.builders import build_objective, build_trainer
+from training.config import Config
 from training.main import main
 from training.params import parse_args
 
@@ -37,10 +39,12 @@ def step_gradients(loss_flags: list[str], accum_freq: int, inputs: dict) -> dict
                        "--accum-freq", str(accum_freq), "--batch-size", str(MICRO * ACCUM // accum_freq),
                        "--warmup", "1", *loss_flags])
     env = DistEnv(rank=rank, world_size=world)
-    bundle = build_model(MODEL, temperature=args.temperature, options=ModelOptions.from_args(args))
+    config = Config.from_args(args)
+    bundle = build_model(MODEL, temperature=config.model.temperature,
+                         options=ModelOptions.from_record(dataclasses.asdict(config.model)))
     bundle.model.load_state_dict(inputs["weights"], strict=False)  # SigLIP's logit_bias keeps its init
-    trainer = build_trainer(args, env, bundle.model, build_objective(args, env), resolve_precision("fp32", env.device),
-                            StepPlan.of_epoch(8, args.accum_freq, args.epochs))
+    trainer = build_trainer(config, env, bundle.model, build_objective(config, env),
+                            resolve_precision("fp32", env.device), StepPlan.of_epoch(8, args.accum_freq, args.epochs))
     share = slice(rank * MICRO * ACCUM, (rank + 1) * MICRO * ACCUM)
     local = {k: inputs[k][share] for k in ("images", "texts", "index")}
     size = MICRO * ACCUM // accum_freq

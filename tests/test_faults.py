@@ -219,18 +219,20 @@ def test_non_finite_steps_are_skipped_and_stop_the_run_with_77(tmp_path):
 def test_a_non_finite_step_changes_nothing(tmp_path):
     """A batch of NaN images: weights, Adam moments and per-sample state stay as they were."""
     from training.builders import build_objective, build_trainer
+    from training.config import Config
     from training.params import parse_args
 
     from fastclip.distributed import DistEnv
     from fastclip.train.precision import resolve_precision
     from fastclip.train.progress import StepPlan
 
-    args = parse_args(synthetic(tmp_path, "unit"))
+    config = Config.from_args(parse_args(synthetic(tmp_path, "unit")))
     env = DistEnv()
     precision = resolve_precision("fp32", env.device)
-    bundle = build_model(args.model, env.device, args.temperature)
-    objective = build_objective(args, env)
-    trainer = build_trainer(args, env, bundle.model, objective, precision, StepPlan.of_epoch(6, 1, args.epochs))
+    bundle = build_model(config.model.model, env.device, config.model.temperature)
+    objective = build_objective(config, env)
+    trainer = build_trainer(config, env, bundle.model, objective, precision,
+                            StepPlan.of_epoch(6, 1, config.optim.epochs))
     images = torch.rand(BATCH, 3, 32, 32)
     batch = {"image": images, "text": bundle.tokenizer(["a photo"] * BATCH), "index": torch.arange(BATCH)}
     trainer.train_step([batch])

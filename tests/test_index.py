@@ -229,6 +229,7 @@ def _resolve_on_rank(pattern: str, keyless_pattern: str, out: str) -> None:
 
     from fastclip.distributed import DistEnv
     from training import data_setup
+    from training.config import Config
     from training.params import parse_args
 
     calls = []
@@ -241,14 +242,13 @@ def _resolve_on_rank(pattern: str, keyless_pattern: str, out: str) -> None:
     data_setup.build_index = counted
     env = DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size())
     flags = ["--train-num-samples", "auto", "--data_size", "auto", "--fastclip", "--model", "ViT-Tiny-32px"]
-    args = parse_args(["--train-data", pattern, *flags])
-    data_setup.resolve_auto_sizes(args, env)
+    config = data_setup.resolve_auto_sizes(Config.from_args(parse_args(["--train-data", pattern, *flags])), env)
     try:
-        data_setup.resolve_auto_sizes(parse_args(["--train-data", keyless_pattern, *flags]), env)
+        data_setup.resolve_auto_sizes(Config.from_args(parse_args(["--train-data", keyless_pattern, *flags])), env)
         error = None
     except SystemExit as stop:
         error = str(stop.code)
-    record = {"calls": len(calls), "train_num_samples": args.train_num_samples, "data_size": args.data_size,
+    record = {"calls": len(calls), "train_num_samples": config.data.train_num_samples, "data_size": config.data.data_size,
               "error": error}
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
 

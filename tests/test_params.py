@@ -8,7 +8,8 @@ import math
 import pytest
 
 from conftest import SEED_COMMANDS
-from training.params import DEFAULT_MODEL, MINIMUM, POSITIVE, apply_model, build_parser, parse_args
+from training.config import Config
+from training.params import DEFAULT_MODEL, MINIMUM, POSITIVE, build_parser, model_defaults, parse_args
 
 SEED = SEED_COMMANDS
 
@@ -177,12 +178,15 @@ def test_model_defaults_to_rn50_when_nothing_is_resumed():
 
 
 def test_resuming_without_model_leaves_it_to_the_checkpoint():
-    """`--resume PATH` without --model: the model, what depends on it and the default name wait for apply_model."""
+    """`--resume PATH` without --model: the model, what depends on it and the default name wait for the
+    checkpoint (`model_defaults`, applied by preflight to the run's Config)."""
     a = parse_args(["--epochs", "0", "--imagenet-val", "val", "--resume", "ckpt.pt"])
     assert (a.model, a.lr, a.beta2, a.name) == (None, None, None, None) and a.lr_tau < 0
-    apply_model(a, "ViT-B-32", "the checkpoint ckpt.pt")
-    assert (a.model, a.beta2, a.eps, a.lr_tau) == ("ViT-B-32", 0.98, 1e-6, a.lr)
-    assert a.name.startswith("ViT-B-32-openclip-") and a.model_source == "the checkpoint ckpt.pt"
+    c = Config.from_args(a)
+    c = c.replace(**model_defaults(c.flat(), "ViT-B-32", "the checkpoint ckpt.pt"))
+    assert (c.model.model, c.optim.beta2, c.optim.eps, c.optim.lr_tau) == ("ViT-B-32", 0.98, 1e-6, c.optim.lr)
+    assert c.run.name.startswith("ViT-B-32-openclip-") and c.model.model_source == "the checkpoint ckpt.pt"
+    assert a.model is None  # the parsed flags are left as they were
 
 
 def test_resume_latest_without_model_or_name_looks_in_the_default_models_folder():

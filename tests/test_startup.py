@@ -27,8 +27,9 @@ from fastclip.distributed.threads import configure_cpu_threads, local_ranks, sha
 from fastclip.models import build_model
 from fastclip.run.summary import KNOWN_NOISE, RunFacts, format_summary, version_name
 from training.builders import build_objective
-from training.params import parse_args
-from training.paths import project_root_if_in_src, rebase_relative_paths
+from training.config import Config
+from training.params import build_parser, parse_args
+from training.paths import project_root_if_in_src, rebased_paths
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TRAIN_SHARDS = "./datasets/cc3m_webdataset/cc3m_train/{00000..00003}.tar"  # the seed's form, 4 demo shards
@@ -79,19 +80,21 @@ def test_relative_paths_mean_the_project_root_only_from_its_src_folder(tmp_path)
     assert project_root_if_in_src(src) == ROOT and project_root_if_in_src(ROOT) is None
     argv = ["--train-data", f"{TRAIN_SHARDS}::/abs/{{0..1}}.tar", "--train-num-samples", "10", "--logs-dir", "./logs",
             "--imagenet-val", IMAGENET_VAL, "--resume", "latest", "--model", "ViT-Tiny-32px"]
-    from_src = rebase_relative_paths(parse_args(argv), cwd=src)
-    assert from_src.train_data == f"{ROOT / TRAIN_SHARDS}::/abs/{{0..1}}.tar"
-    assert Path(from_src.logs) == ROOT / "logs" and Path(from_src.imagenet_val) == ROOT / IMAGENET_VAL
-    assert from_src.resume == "latest" and from_src.paths_relative_to == str(ROOT)
-    elsewhere = rebase_relative_paths(parse_args(argv), cwd=tmp_path)
-    assert (elsewhere.train_data, elsewhere.logs, elsewhere.paths_relative_to) == (argv[1], "./logs", None)
+    parsed = vars(build_parser().parse_args(argv))  # unresolved: resolve rebases for the real working directory
+    from_src = {**parsed, **rebased_paths(parsed, cwd=src)}
+    assert from_src["train_data"] == f"{ROOT / TRAIN_SHARDS}::/abs/{{0..1}}.tar"
+    assert Path(from_src["logs"]) == ROOT / "logs" and Path(from_src["imagenet_val"]) == ROOT / IMAGENET_VAL
+    assert from_src["resume"] == "latest" and from_src["paths_relative_to"] == str(ROOT)
+    elsewhere = {**parsed, **rebased_paths(parsed, cwd=tmp_path)}
+    assert (elsewhere["train_data"], elsewhere["logs"], elsewhere["paths_relative_to"]) == (argv[1], "./logs", None)
 
 
 def test_home_and_parent_paths_keep_their_meaning_from_src():
     argv = ["--train-data", "~/cc3m/{0..3}.tar::../datasets/{0..1}.tar::s3://bucket/{0..1}.tar",
             "--train-num-samples", "10", "--logs-dir", "~/runs", "--model", "ViT-Tiny-32px"]
-    from_src = rebase_relative_paths(parse_args(argv), cwd=ROOT / "src")
-    assert (from_src.train_data, from_src.logs) == (argv[1], "~/runs")
+    parsed = vars(build_parser().parse_args(argv))
+    changes = rebased_paths(parsed, cwd=ROOT / "src")
+    assert (changes["train_data"], changes["logs"]) == (argv[1], "~/runs")
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -217,7 +220,7 @@ def test_summary_block_once_with_the_run_numbers(project, first_epoch, demo_data
     world = 2
     steps = math.ceil(args.train_num_samples / (args.batch_size * world))
     parameters = sum(p.numel() for p in build_model(args.model).model.parameters())
-    state = build_objective(args, DistEnv()).per_sample
+    state = build_objective(Config.from_args(args), DistEnv()).per_sample
     rows = math.ceil(args.data_size / world)
     assert facts["version"] == "FastCLIP-v3"
     assert facts["ranks"] == "2 on 1 node, device cpu"

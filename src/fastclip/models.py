@@ -3,7 +3,6 @@ open_clip_train's model flags (ModelOptions: forced sizes, preprocessing overrid
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -102,10 +101,10 @@ class ModelOptions:
         _check_lock_options(self)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        """Options from a Namespace whose attributes are named like open_clip_train's dests; an attribute
-        the Namespace lacks keeps its default (e.g. a config saved before the flag existed)."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    def from_record(cls, record: Mapping[str, Any]) -> ModelOptions:
+        """Options from values named like open_clip_train's dests (a run's configuration, or the one a
+        checkpoint recorded); a name the record lacks keeps its default (a flag newer than the record)."""
+        values = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
         for name in ("force_image_size", "image_mean", "image_std"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])

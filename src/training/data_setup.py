@@ -3,7 +3,6 @@ and the sizes that `auto` and a CSV leave open (`--train-num-samples`, `--data_s
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -24,7 +23,8 @@ from fastclip.datasets.synthetic import build_synthetic_loader
 from fastclip.distributed import DistEnv, control
 from fastclip.models import ModelBundle
 from fastclip.train.optim import unwrap
-from training.params import AUTO, trains
+from training.config import Config, DataConfig
+from training.params import AUTO
 
 logger = logging.getLogger("fastclip")
 
@@ -35,86 +35,96 @@ class DataBundle:
     val: Callable[[], Iterable[dict]] | None  # a fresh pass over this rank's share of the retrieval set
 
 
-def build_data(args: argparse.Namespace, env: DistEnv, bundle: ModelBundle) -> DataBundle:
+def build_data(config: Config, env: DistEnv, bundle: ModelBundle, csv_table: CsvTable | None = None) -> DataBundle:
     """The training loader of this rank (webdataset, csv or synthetic) and its share of the validation set.
 
-    A CSV is read here, once per process; its number of rows is the default of --train-num-samples and
-    --data_size (row numbers are the sample indices)."""
+    `config` is settled (`settle_sizes`); `csv_table` is the --train-data CSV it read."""
+    data, evaluation, seed = config.data, config.eval, config.run.seed
     pin = env.device.type == "cuda"
-    common = dict(preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer, batch_size=args.batch_size,
-                  seed=args.seed, rank=env.rank, world_size=env.world_size, workers=args.workers, pin_memory=pin)
+    common = dict(preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer, batch_size=data.batch_size,
+                  seed=seed, rank=env.rank, world_size=env.world_size, workers=data.workers, pin_memory=pin)
     train = None
-    if args.dataset_type == "csv" and args.train_data:
-        table = read_csv(args, args.train_data)
-        for dest in ("train_num_samples", "data_size"):
-            if getattr(args, dest) in (None, AUTO):
-                setattr(args, dest, len(table))
-        logger.info("--train-data %s: %d rows; --train-num-samples %d, --data_size %d", args.train_data, len(table),
-                    args.train_num_samples, args.data_size)
-        train = build_csv_train_loader(table, num_samples=args.train_num_samples, data_size=args.data_size, **common)
-    elif args.dataset_type == "webdataset" and args.train_data:
+    if csv_table is not None:
+        train = build_csv_train_loader(csv_table, num_samples=data.train_num_samples, data_size=data.data_size,
+                                       **common)
+    elif data.dataset_type == "webdataset" and data.train_data:
         try:
-            train = build_train_loader(args.train_data, num_samples=args.train_num_samples, data_size=args.data_size,
-                                       dataset_resampled=args.dataset_resampled,
-                                       train_data_upsampling_factors=args.train_data_upsampling_factors, **common)
+            train = build_train_loader(data.train_data, num_samples=data.train_num_samples, data_size=data.data_size,
+                                       dataset_resampled=data.dataset_resampled,
+                                       train_data_upsampling_factors=data.train_data_upsampling_factors, **common)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
-        if env.is_master and not args.dataset_resampled:
-            warning = coverage_report(len(train.dataset.shards), env.world_size, args.workers, train.num_samples)
+        if env.is_master and not data.dataset_resampled:
+            warning = coverage_report(len(train.dataset.shards), env.world_size, data.workers, train.num_samples)
             if warning:
                 logger.warning("%s", warning)
-    elif args.dataset_type == "synthetic":
+    elif data.dataset_type == "synthetic":
         size = unwrap(bundle.model).visual.image_size
-        train = build_synthetic_loader(args.train_num_samples, image_size=size if isinstance(size, int) else size[0],
+        train = build_synthetic_loader(data.train_num_samples, image_size=size if isinstance(size, int) else size[0],
                                        **common)
-    if not args.val_data:
+    if not evaluation.val_data:
         return DataBundle(train, None)
-    val_table = read_csv(args, args.val_data) if args.dataset_type == "csv" else None
+    val_table = read_csv(data, evaluation.val_data) if data.dataset_type == "csv" else None
 
     def val() -> Iterable[dict]:
-        shared = dict(workers=args.workers, pin_memory=pin, rank=env.rank, world_size=env.world_size,
-                      limit=args.val_num_samples)
+        shared = dict(workers=data.workers, pin_memory=pin, rank=env.rank, world_size=env.world_size,
+                      limit=evaluation.val_num_samples)
         if val_table is not None:
-            return build_csv_val_loader(val_table, bundle.preprocess_val, bundle.tokenizer, args.batch_size, **shared)
-        return build_val_loader(args.val_data, bundle.preprocess_val, bundle.tokenizer, args.batch_size, **shared)
+            return build_csv_val_loader(val_table, bundle.preprocess_val, bundle.tokenizer, data.batch_size, **shared)
+        return build_val_loader(evaluation.val_data, bundle.preprocess_val, bundle.tokenizer, data.batch_size,
+                                **shared)
 
     return DataBundle(train, val)
 
 
-def read_csv(args: argparse.Namespace, path: str) -> CsvTable:
+def read_csv(data: DataConfig, path: str) -> CsvTable:
     """The CSV `path` read with the --csv-* flags."""
-    return CsvTable(path, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    return CsvTable(path, data.csv_img_key, data.csv_caption_key, data.csv_separator)
 
 
-_AUTO_FLAGS = {"train_num_samples": "--train-num-samples", "data_size": "--data_size"}
+_SIZE_FLAGS = {"train_num_samples": "--train-num-samples", "data_size": "--data_size"}
 
 
-def resolve_auto_sizes(args: argparse.Namespace, env: DistEnv) -> None:
+def settle_sizes(config: Config, env: DistEnv) -> tuple[Config, CsvTable | None]:
+    """The sizes `auto` and a CSV leave open (`--train-num-samples`, `--data_size`), filled in; and the
+    --train-data CSV, read here once per process (its rows are the sample indices)."""
+    data = config.data
+    if data.dataset_type == "csv" and data.train_data and config.trains:
+        table = read_csv(data, data.train_data)
+        filled = {dest: len(table) for dest in _SIZE_FLAGS if getattr(data, dest) in (None, AUTO)}
+        config = config.replace(**filled)
+        logger.info("--train-data %s: %d rows; --train-num-samples %d, --data_size %d", data.train_data, len(table),
+                    config.data.train_num_samples, config.data.data_size)
+        return config, table
+    return resolve_auto_sizes(config, env), None
+
+
+def resolve_auto_sizes(config: Config, env: DistEnv) -> Config:
     """`--train-num-samples auto` / `--data_size auto`: the numbers from the index of the --train-data shards.
 
     Only rank 0 reads the index (its cache, or the shards' .json members where the cache is stale), so
     nothing proportional to the data set runs on every rank; the others receive the numbers or the error.
     """
-    wanted = [dest for dest in _AUTO_FLAGS if getattr(args, dest) == AUTO]
-    if not wanted or args.dataset_type != "webdataset" or not trains(args):
-        return
-    found = control.broadcast_from_master(_indexed_sizes(args) if env.is_master else None)
+    data = config.data
+    wanted = [dest for dest in _SIZE_FLAGS if getattr(data, dest) == AUTO]
+    if not wanted or data.dataset_type != "webdataset" or not config.trains:
+        return config
+    found = control.broadcast_from_master(_indexed_sizes(data) if env.is_master else None)
     if isinstance(found, str):
         raise SystemExit(found)
-    for dest in wanted:
-        setattr(args, dest, found[dest])
-    logger.info("from the index of --train-data: %s", ", ".join(f"{_AUTO_FLAGS[d]} {found[d]}" for d in wanted))
+    logger.info("from the index of --train-data: %s", ", ".join(f"{_SIZE_FLAGS[d]} {found[d]}" for d in wanted))
+    return config.replace(**{dest: found[dest] for dest in wanted})
 
 
-def _indexed_sizes(args: argparse.Namespace) -> dict[str, int] | str:
+def _indexed_sizes(data: DataConfig) -> dict[str, int] | str:
     """Rank 0: the sample count and data_size of --train-data, or the one-line error every rank raises."""
     try:
-        remote = [url for url in expand_shards(args.train_data) if local_path(url) is None]
+        remote = [url for url in expand_shards(data.train_data) if local_path(url) is None]
         if remote:
             return (f"error: auto sizes need local shards, and {remote[0]} is remote (it would be read whole at "
                     "every start while the other ranks wait): run python -m fastclip.data.index on it once and "
                     "pass the --train-num-samples and --data_size it prints")
-        report = build_index(args.train_data)
+        report = build_index(data.train_data)
     except (DataError, ShardIndexError) as error:
         return f"error: --train-data: {error}"
     for note in report.notes:
@@ -124,8 +134,8 @@ def _indexed_sizes(args: argparse.Namespace) -> dict[str, int] | str:
                 report.scanned, report.samples, report.min_key, report.max_key, report.missing_keys,
                 report.data_size, 100 * report.missing_fraction, report.duplicates, report.without_key)
     if report.samples == 0:
-        return f"error: the --train-data shards {args.train_data!r} hold no sample: nothing to count for auto"
-    if args.data_size == AUTO and report.without_key:
+        return f"error: the --train-data shards {data.train_data!r} hold no sample: nothing to count for auto"
+    if data.data_size == AUTO and report.without_key:
         return (f"error: --data_size auto: {report.without_key} samples of --train-data have no non-negative "
                 "integer 'key' in their .json, and FastCLIP keeps state per key: rewrite those shards with "
                 "img2dataset's .json "

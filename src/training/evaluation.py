@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -15,13 +14,14 @@ from fastclip.models import ModelBundle
 from fastclip.train.optim import unwrap
 from fastclip.train.precision import Precision
 from fastclip.train.progress import Progress
+from training.config import Config
 from training.data_setup import DataBundle
 
 logger = logging.getLogger("fastclip")
 
 
 def run_evaluations(
-    args: argparse.Namespace,
+    config: Config,
     env: DistEnv,
     model: torch.nn.Module,
     bundle: ModelBundle,
@@ -37,19 +37,21 @@ def run_evaluations(
     checkpoint file holding the evaluated weights (None: no file does), epoch, global step and time."""
     epoch = progress.epoch
     metrics: dict = {}
-    due_zeroshot = args.imagenet_val and (final or (args.zeroshot_frequency and epoch % args.zeroshot_frequency == 0))
-    due_val = data.val is not None and (final or (args.val_frequency and epoch % args.val_frequency == 0))
+    plan, batch_size = config.eval, config.data.batch_size
+    due_zeroshot = plan.imagenet_val and (final or (plan.zeroshot_frequency and epoch % plan.zeroshot_frequency == 0))
+    due_val = data.val is not None and (final or (plan.val_frequency and epoch % plan.val_frequency == 0))
     bare = unwrap(model)
     if due_zeroshot:
         metrics.update(evaluate.zero_shot_eval(
-            bare, args.imagenet_val, bundle.preprocess_val, bundle.tokenizer, env.device,
-            batch_size=args.batch_size, workers=args.workers, precision=precision, classnames_file=args.zeroshot_classnames,
+            bare, plan.imagenet_val, bundle.preprocess_val, bundle.tokenizer, env.device,
+            batch_size=batch_size, workers=config.data.workers, precision=precision,
+            classnames_file=plan.zeroshot_classnames,
         ))
     if due_val:
-        metrics.update(evaluate.retrieval_eval(bare, data.val(), env.device, batch_size=args.batch_size,
-                                               precision=precision, num_samples=args.val_num_samples))
+        metrics.update(evaluate.retrieval_eval(bare, data.val(), env.device, batch_size=batch_size,
+                                               precision=precision, num_samples=plan.val_num_samples))
     if metrics and env.is_master:
-        record = {"name": args.name, "model": args.model,
+        record = {"name": config.run.name, "model": config.model.model,
                   "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()), "epoch": epoch,
                   "step": progress.global_step, "time": datetime.now().astimezone().isoformat(timespec="seconds"),
                   **metrics}

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
 
 # Only the flags at module level: torch, open_clip and the library load inside `main`, after parsing,
 # so that `--help` and flag errors come back at once.
+from training.config import Config  # noqa: E402
 from training.params import parse_args  # noqa: E402
 
 logger = logging.getLogger("fastclip")
@@ -47,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Ends with SystemExit: a one-line "error: ..." for bad input (a full traceback with --debug), or the
     exit code of a run that stopped early on purpose (its log says why and how to continue).
     """
-    args = parse_args(argv)
+    config = Config.from_args(parse_args(argv))
+    run = config.run
     from fastclip.checkpoint import files
     from fastclip.checkpoint.checkpointer import CheckpointWriteError
     from fastclip.data.samples import DataError
@@ -57,23 +59,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from training.preflight import check_run
 
     try:
-        check_run(args)  # before the process group: every rank stops on its own, none waits for another
+        config = check_run(config)  # before the process group: every rank stops on its own, none waits for another
         from training.builders import build_run  # open_clip and the rest of the library
         from training.loop import train_and_evaluate
 
-        env = init_distributed(args.device, args.dist_backend, args.dist_url, timeout_s=round(60 * args.dist_timeout),
-                               set_device_rank=not args.no_set_device_rank)
-        run = build_run(args, env)
+        env = init_distributed(run.device, run.dist_backend, run.dist_url, timeout_s=round(60 * run.dist_timeout),
+                               set_device_rank=not run.no_set_device_rank)
+        built = build_run(config, env)
         try:
-            logger.info("model %s, from %s", args.model, args.model_source)
-            return train_and_evaluate(run)
+            logger.info("model %s, from %s", config.model.model, config.model.model_source)
+            return train_and_evaluate(built)
         finally:
-            run.close()
+            built.close()
     except RunStopped as stop:
         logger.error("%s", stop)
         raise SystemExit(stop.code) from None
     except (files.CheckpointError, CheckpointWriteError, files.DiskFullError, DataError) as error:
-        if args.debug:
+        if run.debug:
             raise
         raise SystemExit(f"error: {original_message(error)}") from None
     except RuntimeError as error:
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise
         logger.error("lost contact with another rank (%s: %s): it hung or died. No rank waits longer than "
                      "--dist-timeout (%g min). Continue with --resume latest", type(error).__name__,
-                     str(error).splitlines()[0][:300], args.dist_timeout)
+                     str(error).splitlines()[0][:300], run.dist_timeout)
         raise SystemExit(PEER_LOST) from None
     finally:
         close_distributed()

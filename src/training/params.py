@@ -5,7 +5,8 @@ an underscore, ...); every flag also answers to its other spelling, so `--data-s
 Parsing ends in `resolve()`, which fills defaults that depend on other flags and rejects bad values
 and inconsistent combinations with a one-line message that says what to change. It reads no file:
 checks of paths, model names and checkpoints run at the start of `training.main.main`, and a run that
-resumes without `--model` takes the model its checkpoint records (`apply_model`).
+resumes without `--model` takes the model its checkpoint records (`model_defaults`). The resolved flags
+become a `training.config.Config`; nothing changes them after this module.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import ast
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from fastclip.run.summary import version_name
-from training.paths import rebase_relative_paths
+from training.config import Config, trains
+from training.paths import rebased_paths
 
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
@@ -341,11 +343,6 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         _fail(f"--temperature must be in (0, 1], got {args.temperature}")
 
 
-def trains(args: argparse.Namespace) -> bool:
-    """Whether the run trains (it has training data and epochs), rather than only evaluating."""
-    return args.dataset_type != "none" and args.epochs > 0
-
-
 def _validate_task(args: argparse.Namespace) -> None:
     """A run trains, evaluates or both; say what is missing when it would do neither or evaluate nothing."""
     if args.dataset_type == "webdataset" and not args.train_data:
@@ -356,7 +353,7 @@ def _validate_task(args: argparse.Namespace) -> None:
         _fail("--dataset-type synthetic needs --train-num-samples N (random pairs per epoch)")
     if args.zeroshot_classnames and not args.imagenet_val:
         _fail("--zeroshot-classnames names the classes of --imagenet-val: add --imagenet-val DIR")
-    if trains(args):
+    if trains(args.dataset_type, args.epochs):
         return
     if not (args.imagenet_val or args.val_data):
         if args.epochs > 0:
@@ -427,34 +424,35 @@ def _validate_fastclip(args: argparse.Namespace) -> None:
               "it must exceed the largest sample key of the shards")
 
 
-def _default_name(args: argparse.Namespace, model: str) -> str:
-    lr = args.lr if args.lr is not None else _model_optimizer_defaults(model)["lr"]
-    loss = "fastclip" if args.fastclip else ("siglip" if args.siglip else "openclip")
-    return "-".join([model.replace("/", "-"), loss, f"b{args.batch_size}", f"lr{lr}", f"s{args.seed}"])
+def _default_name(values: Mapping[str, Any], model: str) -> str:
+    lr = values["lr"] if values["lr"] is not None else _model_optimizer_defaults(model)["lr"]
+    loss = "fastclip" if values["fastclip"] else ("siglip" if values["siglip"] else "openclip")
+    return "-".join([model.replace("/", "-"), loss, f"b{values['batch_size']}", f"lr{lr}", f"s{values['seed']}"])
 
 
-def apply_model(args: argparse.Namespace, model: str, source: str) -> argparse.Namespace:
-    """Set the model, where it came from (`source`, for the log), and the defaults that follow it: AdamW's
-    hyperparameters, --lr_tau and the run name."""
-    args.model, args.model_source = model, source
+def model_defaults(values: Mapping[str, Any], model: str, source: str) -> dict[str, Any]:
+    """The flags that follow from the model: the model and where it came from (`source`, for the log), and
+    the defaults that depend on it, AdamW's hyperparameters, --lr_tau and the run name. `values` are the
+    resolved flags by dest; the result holds only what changes."""
+    changes: dict[str, Any] = {"model": model, "model_source": source}
     for key, value in _model_optimizer_defaults(model).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.lr_tau < 0:
-        args.lr_tau = args.lr
-    if args.name is None:
-        args.name = _default_name(args, model)
-    return args
+        if values[key] is None:
+            changes[key] = value
+    if values["lr_tau"] < 0:
+        changes["lr_tau"] = changes.get("lr", values["lr"])
+    if values["name"] is None:
+        changes["name"] = _default_name(values, model)
+    return changes
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults that depend on other flags and reject bad values and inconsistent combinations.
 
     Without --model, a run that resumes keeps `model` None for `training.main` to take from the
-    checkpoint (with `apply_model`); `--resume latest` then looks in the default model's run folder.
+    checkpoint (preflight, with `model_defaults`); `--resume latest` then looks in the default model's run folder.
     """
     _validate_numbers(args)
-    rebase_relative_paths(args)
+    vars(args).update(rebased_paths(vars(args)))
     if args.dataset_type == "auto" and args.train_data and args.train_data.endswith((".csv", ".tsv")):
         args.dataset_type = "csv"  # as open_clip_train decides
     if args.dataset_type == "auto":
@@ -482,11 +480,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.stop_epochs = args.epochs
     args.report_to = [r for r in args.report_to.split(",") if r]
     if args.model is not None:
-        apply_model(args, args.model, "--model")
+        vars(args).update(model_defaults(vars(args), args.model, "--model"))
     elif args.resume is None:
-        apply_model(args, DEFAULT_MODEL, "the default (no --model)")
+        vars(args).update(model_defaults(vars(args), DEFAULT_MODEL, "the default (no --model)"))
     elif args.name is None and args.resume == "latest":
-        args.name = _default_name(args, DEFAULT_MODEL)
+        args.name = _default_name(vars(args), DEFAULT_MODEL)
     return args
 
 
@@ -495,9 +493,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return resolve(build_parser().parse_args(argv))
 
 
-def save_params(args: argparse.Namespace, run_dir: Path) -> None:
-    """Record the resolved configuration of a run as params.json (and open_clip's params.txt)."""
+def save_params(config: Config, run_dir: Path) -> None:
+    """Record the settled configuration of a run as params.json (and open_clip's params.txt)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    values = {k: v for k, v in sorted(vars(args).items())}
+    values = dict(sorted(config.flat().items()))
     (run_dir / "params.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
     (run_dir / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in values.items()))

@@ -8,8 +8,8 @@ directory, as usual.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Any, Mapping
 
 import training
 
@@ -38,17 +38,17 @@ def _rebase(path: str, root: Path) -> str:
     return str(root / path)
 
 
-def rebase_relative_paths(args: argparse.Namespace, cwd: Path | None = None) -> argparse.Namespace:
-    """Resolve the path flags against the project root when run from its `src/` folder, and record the
-    base in `args.paths_relative_to` (None when paths keep their usual meaning)."""
+def rebased_paths(values: Mapping[str, Any], cwd: Path | None = None) -> dict[str, Any]:
+    """The path flags of `values` (by dest) resolved against the project root when run from its `src/`
+    folder, and `paths_relative_to`, that base (None when paths keep their usual meaning)."""
     root = project_root_if_in_src(cwd)
-    args.paths_relative_to = str(root) if root is not None else None
+    changes: dict[str, Any] = {"paths_relative_to": str(root) if root is not None else None}
     if root is None:
-        return args
+        return changes
     for flag in PATH_FLAGS:
-        value = getattr(args, flag, None)
+        value = values.get(flag)
         if value is None or value in NOT_A_PATH.get(flag, ()):
             continue
         parts = value.split(SHARD_LIST_SEPARATOR)
-        setattr(args, flag, SHARD_LIST_SEPARATOR.join(_rebase(part, root) for part in parts))
-    return args
+        changes[flag] = SHARD_LIST_SEPARATOR.join(_rebase(part, root) for part in parts)
+    return changes

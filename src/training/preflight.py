@@ -11,47 +11,49 @@ last check, so that the other errors come back in the time torch takes to import
 
 from __future__ import annotations
 
-import argparse
 import difflib
 from pathlib import Path
-
 
 from fastclip.checkpoint import files
 from fastclip.data.samples import DataError
 from fastclip.data.shards import expand_shards
-from training.params import DEFAULT_MODEL, apply_model, trains
+from training.config import Config
+from training.params import DEFAULT_MODEL, model_defaults
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
 
 
-def check_run(args: argparse.Namespace) -> None:
-    """Check the paths, settle the model (from the checkpoint when --model is absent) and check its name."""
-    check_paths(args)
-    settle_model(args)
-    check_model_name(args.model)
+def check_run(config: Config) -> Config:
+    """Check the paths, settle the model (from the checkpoint when --model is absent) and check its name;
+    returns the config with the model settled."""
+    check_paths(config)
+    config = settle_model(config)
+    check_model_name(config.model.model)
+    return config
 
 
 def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def check_paths(args: argparse.Namespace) -> None:
+def check_paths(config: Config) -> None:
     """Every input the flags name exists, so that a typo stops the run now, not after an epoch of training."""
-    check_input = _check_csv if args.dataset_type == "csv" else _check_shards
-    if args.train_data and trains(args) and args.dataset_type != "synthetic":  # synthetic ignores the flag
-        check_input("--train-data", args.train_data)
-    if args.val_data:
-        check_input("--val-data", args.val_data)
-    if args.imagenet_val and not Path(args.imagenet_val).is_dir():
-        _fail(f"--imagenet-val {args.imagenet_val}: no such folder: pass an image folder with one sub-folder "
+    data, evaluation, resume = config.data, config.eval, config.checkpoint.resume
+    check_input = _check_csv if data.dataset_type == "csv" else _check_shards
+    if data.train_data and config.trains and data.dataset_type != "synthetic":  # synthetic ignores the flag
+        check_input("--train-data", data.train_data)
+    if evaluation.val_data:
+        check_input("--val-data", evaluation.val_data)
+    if evaluation.imagenet_val and not Path(evaluation.imagenet_val).is_dir():
+        _fail(f"--imagenet-val {evaluation.imagenet_val}: no such folder: pass an image folder with one sub-folder "
               "per class (e.g. ImageNet's val/ with its 1000 synset folders)")
-    if args.zeroshot_classnames and not Path(args.zeroshot_classnames).is_file():
-        _fail(f"--zeroshot-classnames {args.zeroshot_classnames}: no such file: pass a text file with one class "
-              "name per line, or drop the flag to use the folder names")
-    if args.resume not in (None, "latest") and not Path(args.resume).is_file():
-        _fail(f"--resume {args.resume}: no such file: pass a checkpoint file, or --resume latest for the newest "
-              f"checkpoint in {Path(args.logs) / (args.name or 'NAME') / 'checkpoints'}")
+    if evaluation.zeroshot_classnames and not Path(evaluation.zeroshot_classnames).is_file():
+        _fail(f"--zeroshot-classnames {evaluation.zeroshot_classnames}: no such file: pass a text file with one "
+              "class name per line, or drop the flag to use the folder names")
+    if resume not in (None, "latest") and not Path(resume).is_file():
+        _fail(f"--resume {resume}: no such file: pass a checkpoint file, or --resume latest for the newest "
+              f"checkpoint in {checkpoint_dir(config, 'NAME')}")
 
 
 def _check_shards(flag: str, spec: str) -> None:
@@ -66,44 +68,54 @@ def _check_csv(flag: str, path: str) -> None:
         _fail(f"{flag} {path}: no such CSV file (relative paths start in {Path.cwd()}): fix the path")
 
 
-def resume_candidates(args: argparse.Namespace) -> tuple[list[Path], list[str], bool]:
+def checkpoint_dir(config: Config, name: str | None = None) -> Path:
+    """The run's checkpoint folder: --logs / --name / checkpoints."""
+    return Path(config.run.logs) / (config.run.name or name) / "checkpoints"
+
+
+def resume_candidates(config: Config) -> tuple[list[Path], list[str], bool]:
     """The checkpoints --resume names, newest first; for 'latest', why the unreadable ones were left out;
     and whether the user named one explicitly."""
-    if args.resume is None:
+    resume = config.checkpoint.resume
+    if resume is None:
         return [], [], False
-    if args.resume != "latest":
-        return [Path(args.resume)], [], True
-    newest, unreadable = files.newest_first(Path(args.logs) / args.name / "checkpoints")
+    if resume != "latest":
+        return [Path(resume)], [], True
+    newest, unreadable = files.newest_first(checkpoint_dir(config))
     return newest, unreadable, False
 
 
-def resume_path(args: argparse.Namespace) -> Path | None:
+def resume_path(config: Config) -> Path | None:
     """The checkpoint the run will start from: --resume PATH, or the newest readable one for 'latest'."""
-    candidates, _, _ = resume_candidates(args)
+    candidates, _, _ = resume_candidates(config)
     return candidates[0] if candidates else None
 
 
-def settle_model(args: argparse.Namespace) -> None:
+def settle_model(config: Config) -> Config:
     """A resumed or evaluated checkpoint fixes the model: take it when --model is absent, and stop when
     --model names another (rather than fail later in load_state_dict)."""
-    path = resume_path(args)
+    path, model = resume_path(config), config.model.model
     if path is None:
-        if args.resume == "latest" and not trains(args):
-            folder = Path(args.logs) / args.name / "checkpoints"
-            _fail(f"--resume latest: no checkpoint in {folder} to evaluate: pass --resume PATH, or the --name "
-                  "(and --logs) of the run that wrote it")
-        if args.model is None:
-            apply_model(args, DEFAULT_MODEL, "the default (no --model, no checkpoint yet)")
-        return
-    config = files.peek(path).get("config")
-    recorded = config.get("model") if isinstance(config, dict) else None
-    if args.model is None:
+        if config.checkpoint.resume == "latest" and not config.trains:
+            _fail(f"--resume latest: no checkpoint in {checkpoint_dir(config)} to evaluate: pass --resume PATH, or "
+                  "the --name (and --logs) of the run that wrote it")
+        if model is None:
+            return _with_model(config, DEFAULT_MODEL, "the default (no --model, no checkpoint yet)")
+        return config
+    recorded_config = files.peek(path).get("config")
+    recorded = recorded_config.get("model") if isinstance(recorded_config, dict) else None
+    if model is None:
         if recorded is None:
             _fail(f"{path} does not record its model: pass --model NAME")
-        apply_model(args, recorded, f"the checkpoint {path}")
-    elif recorded is not None and recorded != args.model:
-        _fail(f"--model {args.model} does not match {path}, a {recorded} checkpoint: drop --model (the "
+        return _with_model(config, recorded, f"the checkpoint {path}")
+    if recorded is not None and recorded != model:
+        _fail(f"--model {model} does not match {path}, a {recorded} checkpoint: drop --model (the "
               f"checkpoint's is used) or pass --model {recorded}")
+    return config
+
+
+def _with_model(config: Config, model: str, source: str) -> Config:
+    return config.replace(**model_defaults(config.flat(), model, source))
 
 
 def check_model_name(name: str) -> None:

@@ -80,7 +80,7 @@ def _check_output(out: Path, force: bool) -> None:
 def _refuse_changed_architecture(checkpoint: Path | str, config: dict) -> None:
     """The export writes the named model's config: a run whose flags changed the architecture (--force-*,
     --siglip's logit bias) would not load from it, so say so instead of writing a broken folder."""
-    options = ModelOptions.from_args(argparse.Namespace(**config))
+    options = ModelOptions.from_record(config)
     changed = options.forced() + (["--siglip"] if options.init_logit_bias is not None else [])
     if changed:
         raise ExportError(f"{checkpoint} was trained with {' '.join(changed)}, which changes the model's "
