@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fastclip.model_options import SIGLIP_LOGIT_BIAS, SIGLIP_TEMPERATURE, ModelOptions
 from fastclip.run.summary import version_name
 from training.config import Config, trains
 from training.paths import rebased_paths
@@ -25,7 +26,7 @@ from training.paths import rebased_paths
 TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learnable")
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
 DEFAULT_MODEL = "RN50"
-DEFAULT_TEMPERATURE, SIGLIP_TEMPERATURE, SIGLIP_LOGIT_BIAS = 0.07, 0.1, -10.0  # open_clip_train's SigLIP init
+DEFAULT_TEMPERATURE = 0.07
 # The smallest value of each numeric flag, and what that value means where it means something special.
 MINIMUM = {
     "batch_size": (1, ""), "workers": (0, " (0: load in the training process)"), "epochs": (0, " (0: evaluate only)"),
@@ -381,13 +382,10 @@ def _validate_options(args: argparse.Namespace) -> None:
               "has none: drop it")
     if args.train_data_upsampling_factors and not args.dataset_resampled:
         _fail("--train-data-upsampling-factors weighs the sources of resampled shards: add --dataset-resampled")
-    if args.lock_image_unlocked_groups and not args.lock_image:
-        _fail("--lock-image-unlocked-groups leaves part of a locked image tower trainable: add --lock-image")
-    if args.lock_image_freeze_bn_stats and not args.lock_image:
-        _fail("--lock-image-freeze-bn-stats applies to a locked image tower: add --lock-image")
-    if (args.lock_text_unlocked_layers or args.lock_text_freeze_layer_norm) and not args.lock_text:
-        _fail("--lock-text-unlocked-layers / --lock-text-freeze-layer-norm apply to a locked text tower: "
-              "add --lock-text")
+    try:  # the model flags' own rules (tower locking, forced sizes, preprocessing), owned by ModelOptions
+        ModelOptions.from_record(vars(args))
+    except ValueError as error:
+        _fail(str(error))
     if args.opt.lower() != "adamw" and not args.opt.lower().startswith("timm/"):
         _fail(f"--opt {args.opt}: use adamw, or timm/NAME for a timm optimizer (e.g. timm/lamb, timm/sgd)")
     if args.momentum is not None and not args.opt.lower().startswith("timm/"):

@@ -7,9 +7,12 @@ import math
 import torch
 from open_clip.loss import SigLipLoss  # not re-exported at the package's top level
 
+from ..model_options import SIGLIP_LOGIT_BIAS, SIGLIP_TEMPERATURE
+
 # open_clip_train's `--siglip` model: tau 0.1 rather than CLIP's 0.07, and a learned logit bias starting
 # at -10, so that the n^2 - n negative pairs' sigmoid terms start near 0 instead of dominating the loss.
-SIGLIP_MODEL_KWARGS: dict[str, float] = {"init_logit_scale": math.log(10), "init_logit_bias": -10}
+SIGLIP_MODEL_KWARGS: dict[str, float] = {"init_logit_scale": math.log(1 / SIGLIP_TEMPERATURE),
+                                         "init_logit_bias": SIGLIP_LOGIT_BIAS}
 
 
 class SigLIPObjective:
