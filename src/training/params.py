@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fastclip import rules
 from fastclip.model_options import SIGLIP_LOGIT_BIAS, SIGLIP_TEMPERATURE, ModelOptions
-from fastclip.run.summary import version_name
 from training.config import Config, trains
 from training.paths import rebased_paths
 
@@ -380,14 +380,12 @@ def _validate_options(args: argparse.Namespace) -> None:
     if args.dataset_resampled and args.dataset_type != "webdataset":
         _fail(f"--dataset-resampled draws webdataset shards with replacement; --dataset-type {args.dataset_type} "
               "has none: drop it")
-    if args.train_data_upsampling_factors and not args.dataset_resampled:
-        _fail("--train-data-upsampling-factors weighs the sources of resampled shards: add --dataset-resampled")
-    try:  # the model flags' own rules (tower locking, forced sizes, preprocessing), owned by ModelOptions
-        ModelOptions.from_record(vars(args))
+    try:  # rules the library enforces too, written once there
+        rules.check_upsampling(args.train_data_upsampling_factors, args.dataset_resampled)
+        ModelOptions.from_record(vars(args))  # tower locking, forced sizes, preprocessing
+        rules.check_optimizer(args.opt)
     except ValueError as error:
         _fail(str(error))
-    if args.opt.lower() != "adamw" and not args.opt.lower().startswith("timm/"):
-        _fail(f"--opt {args.opt}: use adamw, or timm/NAME for a timm optimizer (e.g. timm/lamb, timm/sgd)")
     if args.momentum is not None and not args.opt.lower().startswith("timm/"):
         _fail("--momentum is for timm optimizers (--opt timm/NAME); AdamW has betas (--beta1, --beta2)")
     if args.loss_dist_impl and not args.siglip:
@@ -406,11 +404,10 @@ def _validate_fastclip(args: argparse.Namespace) -> None:
         _fail("--fastclip computes its gradient without a collective in backward; drop --gather-with-grad")
     if not 0.0 < args.gamma <= 1.0:
         _fail(f"--gamma must be in (0, 1], got {args.gamma}")
-    if args.multiply_tau and args.temperature_scheme != "global_learnable":
-        version = version_name(True, args.temperature_scheme, multiply_tau=False)
-        _fail(f"--multiply_tau (FastCLIP-v3) learns one global temperature: use --temperature_scheme "
-              f"global_learnable, or drop --multiply_tau for {version} (--temperature_scheme "
-              f"{args.temperature_scheme})")
+    try:
+        rules.check_multiply_tau(args.multiply_tau, args.temperature_scheme)
+    except ValueError as error:
+        _fail(str(error))
     if args.temperature_scheme == "individual_learnable" and args.lr_tau_scheduler not in (None, "const"):
         _fail("--temperature_scheme individual_learnable updates per-sample temperatures with a constant "
               "--lr_tau: use --lr_tau_scheduler const")

@@ -64,6 +64,7 @@ from .samples import (
     derive_rng,
     seeded_rngs,
 )
+from ..rules import check_upsampling
 from ..train.progress import batches_per_epoch
 from .csv import CsvTable
 from .shards import (
@@ -495,9 +496,7 @@ def build_train_loader(
     if num_samples < 1 or workers < 0 or (data_size is not None and data_size < 1):
         raise ValueError(f"need num_samples >= 1, workers >= 0, data_size >= 1; got {num_samples=}, "
                          f"{workers=}, {data_size=}")
-    if train_data_upsampling_factors is not None and not dataset_resampled:
-        raise ValueError("--train-data-upsampling-factors needs --dataset-resampled: the factors weight shards "
-                         "drawn with replacement")
+    check_upsampling(train_data_upsampling_factors, dataset_resampled)
     sources = expand_sources(shards)
     probabilities = draw_probabilities(sources, train_data_upsampling_factors) if dataset_resampled else None
     dataset = ShardTrainDataset(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import comm
+from ..rules import check_multiply_tau
 from ..train.schedules import gamma_at_epoch
 from .state import ShardedState
 from . import functional as fn
@@ -56,8 +57,7 @@ class FastCLIPConfig:
     def __post_init__(self) -> None:
         if self.temperature_scheme not in TEMPERATURE_SCHEMES:
             raise ValueError(f"temperature_scheme {self.temperature_scheme!r}: use one of {TEMPERATURE_SCHEMES}")
-        if self.multiply_tau and self.temperature_scheme != "global_learnable":
-            raise ValueError("multiply_tau (FastCLIP-v3) needs temperature_scheme global_learnable")
+        check_multiply_tau(self.multiply_tau, self.temperature_scheme)
         if self.data_size <= 0:
             raise ValueError(f"data_size must be positive, got {self.data_size}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rules import check_optimizer
+
 
 def _is_excluded_from_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
@@ -50,8 +52,7 @@ def build_optimizer(
     param_groups = [g for g in param_groups if g["params"]]
     if opt.lower() == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-    if not opt.lower().startswith("timm/"):
-        raise ValueError(f"--opt {opt}: use adamw or timm/NAME (a timm optimizer, e.g. timm/lamb)")
+    check_optimizer(opt)
     from timm.optim import create_optimizer_v2
 
     extra = {} if momentum is None else {"momentum": momentum}
