@@ -95,27 +95,12 @@ def build_trainer(config: Config, env: DistEnv, model: torch.nn.Module, objectiv
 
 
 def build_objective(config: Config, env: DistEnv) -> Objective:
-    objective, optim = config.objective, config.optim
+    objective = config.objective
     if objective.siglip:
         return SigLIPObjective(env.rank, env.world_size, objective.loss_dist_impl)
     if not objective.fastclip:
         return OpenCLIPObjective(objective.local_loss, objective.gather_with_grad, env.rank, env.world_size)
-    settings = FastCLIPConfig(
-        temperature_scheme=objective.temperature_scheme,
-        data_size=config.data.data_size,
-        gamma=objective.gamma,
-        gamma_schedule=objective.gamma_schedule,
-        gamma_decay_epochs=objective.gamma_decay_epochs,
-        temperature=config.model.temperature,
-        rho=objective.rho,
-        fastclip_eps=objective.fastclip_eps,
-        multiply_tau=objective.multiply_tau,
-        lr_tau=optim.lr_tau,
-        beta1=optim.beta1,
-        beta2=optim.beta2,
-        eps=optim.eps,
-    )
-    return FastCLIPObjective(settings, env.device)
+    return FastCLIPObjective(config.select(FastCLIPConfig), env.device)  # its fields are named like the flags
 
 
 @dataclass
@@ -252,8 +237,9 @@ def _build_run(config: Config, env: DistEnv, stack: contextlib.ExitStack) -> Run
                           extra={"name": run.name, "config": plain_config(config)})
     checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps.steps_per_epoch)
     saves = config.checkpoint
-    policy = SavePolicy(saves.save_frequency, config.optim.epochs, saves.save_most_recent,
-                        saves.delete_previous_checkpoint, saves.save_every_n_steps, saves.save_every_minutes)
+    policy = SavePolicy(every_n_epochs=saves.save_frequency, final_epoch=config.optim.epochs,
+                        most_recent=saves.save_most_recent, delete_previous=saves.delete_previous_checkpoint,
+                        every_n_steps=saves.save_every_n_steps, every_minutes=saves.save_every_minutes)
     signals = stack.enter_context(StopSignals())
     run_control = RunControl(checkpointer, policy, signals, trainer.guard)
     stack.callback(run_control.close)

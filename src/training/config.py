@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,12 @@ class Config:
             mine = {name: value for name, value in changes.items() if name in _FIELDS[part]}
             parts[part] = dataclasses.replace(getattr(self, part), **mine) if mine else getattr(self, part)
         return Config(**parts)
+
+    def select(self, kind: type[T]) -> T:
+        """A library dataclass whose fields are named like the flags (e.g. FastCLIPConfig), filled from this
+        config; a field the config lacks keeps the dataclass's default."""
+        values = self.flat()
+        return kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values})
 
     @property
     def trains(self) -> bool:

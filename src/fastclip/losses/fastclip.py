@@ -34,7 +34,8 @@ TEMPERATURE_SCHEMES = ("global_learnable", "global_constant", "individual_learna
 
 @dataclass
 class FastCLIPConfig:
-    """Hyperparameters of the FastCLIP objective (defaults: the seed's FastCLIP-v3 command).
+    """Hyperparameters of the FastCLIP objective (defaults: the seed's FastCLIP-v3 command), each named like
+    the training script's flag that sets it.
 
     `lr_tau`, `beta1`, `beta2` and `eps` drive v2's per-sample temperature step (lr_tau constant,
     the betas and eps those of the model's Adam); `multiply_tau` (v3) needs `global_learnable`.
