@@ -29,11 +29,14 @@ from torch.nn.parallel import DataParallel
 from torchvision.transforms import ToTensor
 
 from fastclip.evaluate import (
+    REFERENCE_TAU,
     append_results,
     class_prompts,
     embed_pairs,
+    global_contrastive_loss,
     is_imagenet_folder,
     load_image_folder,
+    log_mean_exp_negatives,
     retrieval_eval,
     zero_shot_eval,
 )
@@ -254,6 +257,42 @@ def test_val_loss_is_sample_weighted_clip_loss_of_batch_size_blocks_at_model_tem
     expected = (8 * math.log(1 + 7 * math.exp(-2)) + 4 * math.log(1 + 3 * math.exp(-2))) / 12
     assert metrics["clip_val_loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["image_to_text_R@1"] == metrics["text_to_image_R@1"] == 1.0
+
+
+def brute_force_global_loss(image: torch.Tensor, text: torch.Tensor, tau: float) -> float:
+    """The definition, in float64 with plain exponentials: mean over pairs and both sides of
+    log(1/(n-1) * sum_{j != i} exp((s_ij - s_ii) / tau)), s the image-text cosine."""
+    s = image.double() @ text.double().T
+    n = len(s)
+    total = 0.0
+    for i in range(n):
+        for scores, own in ((s[i], s[i, i]), (s[:, i], s[i, i])):  # image anchor i, then text anchor i
+            others = torch.cat([scores[:i], scores[i + 1:]])
+            total += math.log(torch.exp((others - own) / tau).sum().item() / (n - 1))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.07, 1.0])
+def test_global_loss_matches_the_float64_definition_blockwise(tau):
+    generator = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(37, 8, generator=generator), dim=1) for _ in range(2))
+    expected = brute_force_global_loss(image, text, tau)
+    assert global_contrastive_loss(image, text, tau) == pytest.approx(expected, rel=1e-5)
+    # the same rows in chunks of 5 keys' worth of queries, and split as two ranks would split them
+    whole = log_mean_exp_negatives(image, text, tau)
+    assert torch.allclose(torch.cat([log_mean_exp_negatives(image[:20], text, tau, chunk=5),
+                                     log_mean_exp_negatives(image[20:], text, tau, first=20, chunk=5)]), whole)
+
+
+def test_retrieval_reports_the_global_loss_at_the_model_and_the_reference_temperature():
+    generator = torch.Generator().manual_seed(1)
+    table = F.normalize(torch.randn(12, 4, generator=generator), dim=1)
+    model = TableTextModel(table=table, logit_scale=1 / 0.05)  # the scale itself: tau 0.05
+    metrics = retrieval_eval(model, _retrieval_batches(table, [5, 7]), batch_size=4)
+    images, texts = embed_pairs(model, _retrieval_batches(table, [12]))
+    assert metrics["global_val_loss"] == pytest.approx(brute_force_global_loss(images, texts, 0.05), rel=1e-5)
+    assert metrics["global_val_loss_ref"] == pytest.approx(brute_force_global_loss(images, texts, REFERENCE_TAU),
+                                                           rel=1e-5)
 
 
 def test_collapsed_model_scores_no_recall_and_log_batch_size_loss():

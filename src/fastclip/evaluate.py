@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 _SYNSET = re.compile(r"n\d{8}")
 RECALL_AT = (1, 5, 10)
+# the fixed temperature of `global_val_loss_ref`: runs whose learnt temperatures differ compare on it
+REFERENCE_TAU = 0.07
 
 
 def is_imagenet_folder(classes: Sequence[str]) -> bool:
@@ -181,8 +183,11 @@ def retrieval_eval(
         metrics: dict[str, float | int] = {}
         metrics.update(rank_metrics("image_to_text", _split_ground_truth_ranks(image_features, text_features)))
         metrics.update(rank_metrics("text_to_image", _split_ground_truth_ranks(text_features, image_features)))
-        metrics["clip_val_loss"] = blockwise_clip_loss(image_features, text_features,
-                                                       model.logit_scale.exp().float(), batch_size)
+        logit_scale = model.logit_scale.exp().float()
+        metrics["clip_val_loss"] = blockwise_clip_loss(image_features, text_features, logit_scale, batch_size)
+        if len(image_features) > 1:
+            metrics["global_val_loss"] = global_contrastive_loss(image_features, text_features, 1 / float(logit_scale))
+            metrics["global_val_loss_ref"] = global_contrastive_loss(image_features, text_features, REFERENCE_TAU)
     metrics["num_samples"] = len(image_features)
     return metrics
 
@@ -257,6 +262,37 @@ def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tenso
         images, texts = image_features[start : start + batch_size], text_features[start : start + batch_size]
         total += clip_loss(images, texts, logit_scale).double() * len(images)
     return float(total) / len(image_features)
+
+
+def log_mean_exp_negatives(queries: torch.Tensor, keys: torch.Tensor, tau: float, first: int = 0,
+                           chunk: int = 1024) -> torch.Tensor:
+    """log(1/(n-1) * sum over keys j != i of exp((<q_i, k_j> - <q_i, k_i>) / tau)) for each query i, whose own
+    key is `first + i`: the log of FastCLIP's g_i over the whole set of n keys (what its estimator u tracks),
+    in row chunks so memory stays O(chunk * n); a log-sum-exp, finite at any temperature."""
+    out = torch.empty(len(queries), dtype=torch.float32, device=queries.device)
+    for start in range(0, len(queries), chunk):
+        scores = (queries[start : start + chunk] @ keys.T).float()
+        rows = torch.arange(len(scores), device=scores.device)
+        own = rows + first + start
+        logits = (scores - scores[rows, own].unsqueeze(1)) / tau
+        logits[rows, own] = -math.inf
+        out[start : start + len(scores)] = torch.logsumexp(logits, dim=1) - math.log(len(keys) - 1)
+    return out
+
+
+def global_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, tau: float) -> float:
+    """The global contrastive loss of a set of pairs at temperature `tau`: the mean over pairs and both sides
+    (image anchors against every text, text anchors against every image) of log g, every other pair of the set
+    a negative. Unlike a mini-batch loss it does not depend on how the set is batched, which makes it the
+    low-noise measure of what FastCLIP optimises. The ranks split the anchors; every rank returns the value."""
+    rows = rank_share(len(image_features), comm.rank(), comm.world_size())
+    sums = torch.zeros(2, dtype=torch.float64, device=image_features.device)
+    if len(rows):
+        sums[0] = log_mean_exp_negatives(image_features[rows.start : rows.stop], text_features, tau,
+                                         first=rows.start).double().sum()
+        sums[1] = log_mean_exp_negatives(text_features[rows.start : rows.stop], image_features, tau,
+                                         first=rows.start).double().sum()
+    return float(comm.all_reduce_sum(sums).sum()) / (2 * len(image_features))
 
 
 def ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor, first: int = 0, chunk: int = 1024) -> torch.Tensor:

@@ -264,6 +264,10 @@ PANELS = (
         Curve("image_to_text_R@10", "image→text R@10", "-", "^"),
         Curve("text_to_image_R@10", "text→image R@10", "--", "^"),
     ), percent=True),
+    Panel("global contrastive loss (held-out pairs)", "mean log g over all pairs", (
+        Curve("global_val_loss", "at the model's τ", "-", "o"),
+        Curve("global_val_loss_ref", "at the reference τ", "--", "s"),
+    )),
 )
 X_LABELS = {"step": "step (optimizer steps)", "epoch": "epoch (passes over --train-num-samples)"}
 
