@@ -26,7 +26,7 @@ from fastclip.distributed.threads import configure_cpu_threads, local_ranks
 from fastclip.train.engine import Trainer
 from fastclip.run.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
-from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective
+from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, short_run_warnings
 from fastclip.losses.openclip import OpenCLIPObjective
 from fastclip.losses.siglip import SigLIPObjective
 from fastclip.models import ModelBundle, ModelOptions, build_model
@@ -231,6 +231,9 @@ def _build_run(config: Config, env: DistEnv, stack: contextlib.ExitStack) -> Run
         MetricsSink(run_dir, run.report_to, config.flat(), enabled=env.is_master,
                     wandb_project=run.wandb_project_name, wandb_notes=run.wandb_notes)))
     steps = StepPlan.of_epoch(len(data.train), config.optim.accum_freq, config.optim.epochs)
+    if env.is_master and isinstance(objective, FastCLIPObjective):
+        for warning in short_run_warnings(objective.config, steps.epochs, steps.total_steps):
+            logger.warning("%s", warning)
     trainer = build_trainer(config, env, bundle.model, objective, precision, steps, metrics)
     states = {"optimizer": trainer.optimizer, "scaler": trainer.stepper, "objective": objective, "guard": trainer.guard}
     parts = StatefulParts(trainer.model, objective, states, data.train,

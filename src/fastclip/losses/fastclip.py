@@ -18,6 +18,7 @@ tau appears with gradient in both terms, so its gradient is dPhi/dtau (not half 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,29 @@ class FastCLIPConfig:
         check_multiply_tau(self.multiply_tau, self.temperature_scheme)
         if self.data_size <= 0:
             raise ValueError(f"data_size must be positive, got {self.data_size}")
+
+
+def short_run_warnings(config: FastCLIPConfig, epochs: int, total_steps: int) -> list[str]:
+    """Why u or the temperature can hardly matter in a run this short, as start-up warnings.
+
+    FastCLIP departs from the mini-batch loss only once each pair's u has averaged many visits: gamma is 1
+    in epoch 0 and decays to --gamma over --gamma_decay_epochs. A learnt global temperature is the model's
+    log-scale under Adam, which moves it by about --lr_tau per step at most."""
+    warnings = []
+    if epochs <= 1:
+        warnings.append(f"--epochs {epochs}: gamma is 1 in epoch 0, so every u is its mini-batch estimate and "
+                        "FastCLIP trains like the mini-batch loss; u averages visits from epoch 1 on")
+    elif config.gamma_schedule == "cosine" and config.gamma_decay_epochs >= epochs:
+        last = gamma_at_epoch(epochs - 1, config.gamma, config.gamma_schedule, config.gamma_decay_epochs)
+        warnings.append(f"--gamma_decay_epochs {config.gamma_decay_epochs} >= --epochs {epochs}: gamma never reaches "
+                        f"--gamma {config.gamma} (last epoch: {last:.2f}), so each u averages few visits and FastCLIP "
+                        "stays close to the mini-batch loss; the default decays over half the epochs")
+    reach = config.lr_tau * total_steps
+    if config.temperature_scheme == "global_learnable" and reach < 1.0:
+        warnings.append(f"--lr_tau {config.lr_tau:g} x {total_steps} steps = {reach:.2g}: the temperature can change "
+                        f"by a factor of about {math.exp(reach):.2f} at most and stays near --temperature "
+                        f"{config.temperature:g} (the paper's --lr_tau 2e-4 was set for runs of ~100k steps)")
+    return warnings
 
 
 def _gather_batch(
