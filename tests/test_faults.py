@@ -157,6 +157,22 @@ def test_leftovers_of_an_interrupted_save_are_removed_at_start(two_epochs, tmp_p
     assert sorted(p.name for p in checkpoint_dir.glob("*.pt")) == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
 
 
+def test_an_unreadable_checkpoints_state_survives_start_up_until_a_good_save_supersedes_it(two_epochs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_epochs, run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    newest = checkpoint_dir / "epoch_2.pt"
+    (state,) = files.state_dirs(checkpoint_dir, "epoch_2")
+    _truncate(newest)  # unreadable now: it may only be a file still being copied back
+    orphan = checkpoint_dir / "epoch_3.per_sample.12-deadbeef"  # no epoch_3.pt names it: an interrupted save
+    orphan.mkdir()
+    assert files.remove_leftovers(checkpoint_dir) == [orphan]
+    assert state.is_dir()
+    main(synthetic(tmp_path, "run", "--resume", "latest"))  # resumes from epoch 1, saves epoch 2 and 3 anew
+    assert not state.exists()  # superseded by the new epoch_2.pt's folder
+    assert files.per_sample_dir(newest, files.peek(newest)).is_dir()
+
+
 def test_checkpoint_with_the_table_inside_resumes_as_the_per_rank_files_do(two_epochs, tmp_path):
     """Checkpoints of earlier releases kept the dense per-sample table in the .pt: they still resume."""
     for name in ("files", "inside"):

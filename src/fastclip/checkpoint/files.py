@@ -239,18 +239,23 @@ def prune_previous(checkpoint_dir: Path, keep: Path) -> None:
 
 def remove_leftovers(checkpoint_dir: Path) -> list[Path]:
     """Temporary files and unreferenced per-sample folders of interrupted saves (called by the run that
-    holds the folder's lock, so no other writer is active); returns what it removed."""
+    holds the folder's lock, so no other writer is active); returns what it removed.
+
+    A folder is unreferenced when no checkpoint names it and no checkpoint that could name it (its stem's
+    `.pt`) failed to read: a read error may be passing (a network file system, a copy still arriving), and
+    the folder then stays until a later good save of that stem supersedes it."""
     if not checkpoint_dir.is_dir():
         return []
     removed = [p for p in checkpoint_dir.iterdir() if TMP_MARK in p.name]
-    referenced = set()
+    referenced, unread_stems = set(), set()
     for path in checkpoint_files(checkpoint_dir):
         try:
             referenced.add(peek(path).get("per_sample_dir"))
         except CheckpointError:
-            continue
+            unread_stems.add(path.stem)
     removed += [p for p in checkpoint_dir.iterdir()
-                if PER_SAMPLE_DIR.match(p.name) and p.is_dir() and p.name not in referenced]
+                if (match := PER_SAMPLE_DIR.match(p.name)) and p.is_dir() and p.name not in referenced
+                and match["stem"] not in unread_stems]
     for path in removed:
         remove_path(path)
     return removed
