@@ -53,6 +53,22 @@ def test_resampled_fastclip_v2_run_logs_its_temperature_spread(demo_data, tmp_pa
     assert all(tag.startswith("train/") for tag in tags)
 
 
+def test_a_resumed_run_continues_the_same_wandb_run(demo_data, tmp_path, monkeypatch):
+    """wandb in offline mode (no network): a run stopped after epoch 1 and its --resume latest log to one
+    wandb run, whose id is kept in the run folder (open_clip_train resumes its wandb run the same way)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tiny_run(demo_data, tmp_path, "tracked", epochs=2)
+    main([*scaled(SEED_COMMANDS["fastclip-v3"], **run, report_to="wandb"), "--stop_epochs", "1"])
+    run_dir = tmp_path / "tracked"
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    main([*scaled(SEED_COMMANDS["fastclip-v3"], **run, report_to="wandb"), "--resume", "latest"])
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in offline)
+
+
 def test_openclip_run_shows_its_learnable_logit_scale_as_open_clip_tags_it(demo_data, tmp_path):
     main(scaled(SEED_COMMANDS["openclip"], **tiny_run(demo_data, tmp_path, "openclip", epochs=1),
                 report_to="tensorboard"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 
@@ -64,6 +65,20 @@ def board_tag(key: str) -> str:
     return "train/" + OPEN_CLIP_NAMES.get(key, key)
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id kept in the run folder (travels with it, --remote-sync included); made once, of the
+    lower-case letters and digits wandb's own ids use."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsSink:
     """Writes training metrics to metrics.jsonl (plain names), and to tensorboard / wandb when asked and
     installed (open_clip's `train/...` tags)."""
@@ -84,8 +99,10 @@ class MetricsSink:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         if "wandb" in report_to:
             self.wandb = _require("wandb", "wandb")
+            # one wandb run per run folder: a requeued job or --resume latest continues it (resume="allow")
             self.wandb.init(project=wandb_project, notes=wandb_notes, name=run_dir.name, config=config,
-                            dir=str(run_dir))
+                            dir=str(run_dir), id=wandb_run_id(run_dir),
+                            resume="allow")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
