@@ -3,6 +3,7 @@ and a one-line error for each combination that open_clip would ignore or fail on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from PIL import Image
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms import InterpolationMode, Normalize, RandomResizedCrop, Resize
 
-from fastclip.models import ModelOptions, build_model
+from fastclip.models import ModelOptions, build_model, register_model_configs
 from training.params import build_parser
 from fastclip.train.optim import build_optimizer
 
@@ -233,3 +234,38 @@ def test_init_logit_bias_with_temperature_for_siglip() -> None:
     output = model(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, dtype=torch.long))
     assert output["logit_bias"].item() == -10.0
     assert getattr(build_model(VIT).model, "logit_bias", None) is None
+
+
+def test_every_open_clip_model_trains_here_or_is_refused_in_one_line() -> None:
+    """The whole open_clip.list_models(): CoCa (its decoder needs a captioning loss) and, without transformers,
+    Hugging Face text towers and tokenizers are refused at start in one line; every other model passes."""
+    from training.preflight import check_model_name
+
+    register_model_configs()
+    refused = {}
+    for name in open_clip.list_models():
+        try:
+            check_model_name(name)
+        except SystemExit as stop:
+            message = str(stop.code)
+            assert message.startswith(f"error: --model {name} ") and "\n" not in message
+            refused[name] = message
+    configs = {name: open_clip.get_model_config(name) or {} for name in open_clip.list_models()}
+    coca = {name for name, config in configs.items() if "multimodal_cfg" in config}
+    hugging_face = {name for name, config in configs.items() if {"hf_model_name", "hf_tokenizer_name"} &
+                    {key for key, value in config.get("text_cfg", {}).items() if value}}
+    assert coca and all("is a CoCa model" in refused[name] for name in coca)
+    if importlib.util.find_spec("transformers") is None:
+        assert hugging_face and all("pip install transformers" in refused[name] for name in hugging_face - coca)
+        assert set(refused) == coca | hugging_face
+    else:
+        assert set(refused) == coca
+    assert len(configs) - len(refused) > 50
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32", "convnext_base"])  # open_clip's ResNet, ViT and timm towers
+def test_accepted_model_families_build_with_every_weight_initialised(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name).model
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if "mask" not in n)]  # -inf masks
+    assert all(torch.isfinite(t).all() for _, t in tensors if t.is_floating_point())

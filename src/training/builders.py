@@ -256,8 +256,8 @@ def build_model_of(config: Config, device: torch.device, precision: Precision) -
     try:
         return build_model(model.model, device, model.temperature, precision.model_dtype, model.pretrained,
                            model.grad_checkpointing, ModelOptions.from_record(dataclasses.asdict(model)))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, OSError) as error:  # OSError: weights or Hugging Face files that cannot be had
+        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
 
 
 def log_startup_summary(config: Config, env: DistEnv, run_dir: Path, bundle: ModelBundle,

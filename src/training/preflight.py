@@ -12,6 +12,8 @@ last check, so that the other errors come back in the time torch takes to import
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import json
 from pathlib import Path
 
 from fastclip.checkpoint import files
@@ -119,14 +121,15 @@ def _with_model(config: Config, model: str, source: str) -> Config:
 
 
 def check_model_name(name: str) -> None:
-    """open_clip knows the model: a registered config (ours included), hf-hub:ORG/REPO, or an existing
-    local-dir:PATH folder with its open_clip_config.json."""
+    """open_clip knows the model (a registered config, ours included; hf-hub:ORG/REPO; or an existing
+    local-dir:PATH folder with its open_clip_config.json), and it can be trained here (`check_trainable`)."""
     if name.startswith(HF_HUB):
         return
     if name.startswith(LOCAL_DIR):
         folder = Path(name[len(LOCAL_DIR):])
         if not (folder / "open_clip_config.json").is_file():
             _fail(f"--model {name}: {folder} is not a folder holding open_clip_config.json: fix the path")
+        check_trainable(name, json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}))
         return
     import open_clip
 
@@ -139,3 +142,20 @@ def check_model_name(name: str) -> None:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         _fail(f"--model {name} is not an open_clip model{hint}: pick one of open_clip.list_models(), or pass "
               "hf-hub:ORG/REPO or local-dir:PATH")
+    check_trainable(name, open_clip.get_model_config(name) or {})
+
+
+def check_trainable(name: str, model_config: dict) -> None:
+    """Every part of the model is trained by an objective here, and what it is built from is at hand: CoCa's
+    captioning decoder would stay uninitialised under a contrastive loss, and Hugging Face text towers and
+    tokenizers need the transformers package (and the hub, or its cache)."""
+    if "multimodal_cfg" in model_config:
+        _fail(f"--model {name} is a CoCa model: only a captioning loss trains its text decoder, and this project "
+              "trains contrastive objectives, so the decoder would stay uninitialised: pick a CLIP model "
+              "(e.g. ViT-B-32), or train CoCa with open_clip_train")
+    text = model_config.get("text_cfg", {})
+    source = text.get("hf_model_name") or text.get("hf_tokenizer_name")
+    if source and importlib.util.find_spec("transformers") is None:
+        _fail(f"--model {name} takes its text tower or tokenizer from Hugging Face ({source}), which needs the "
+              "transformers package: pip install transformers (the files then come from the Hugging Face hub; "
+              "offline, from its cache with HF_HUB_OFFLINE=1)")
