@@ -129,6 +129,7 @@ TIER_OF = {
     "test_faults.py": "e2e",
     "test_train_e2e.py": "e2e",
     "test_demo.py": "e2e",
+    "test_finetune.py": "e2e",
     "test_console_scripts.py": "e2e",
     "test_csv_data.py::test_training_on_a_csv": "e2e",
     "test_index.py::test_index_of_img2dataset": "e2e",
