@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--csv-img-key", type=str, default="filepath",
           help="For csv-like datasets, the name of the key for the image paths.")
     p.add("--csv-caption-key", type=str, default="title",
-          help="For csv-like datasets, the name of the key for the captions.")
+          help="For csv-like datasets, the name of the key for the captions; several columns of captions of "
+               "the same image, comma-separated, and a cell holding a JSON list, give several captions, one "
+               "drawn per visit")
     p.add("--imagenet-val", type=str, default=None,
           help="image folder with one sub-folder per class (e.g. ImageNet-1k val) for zero-shot classification")
     p.add("--zeroshot-classnames", type=str, default=None,

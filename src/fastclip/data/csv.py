@@ -18,6 +18,7 @@ the row and the image path) like a bad sample in a shard.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -50,17 +51,26 @@ class CsvTable:
     def __init__(self, path: str | Path, img_key: str = "filepath", caption_key: str = "title",
                  separator: str = "\t") -> None:
         self.path = str(path)
-        frame = _read_columns(self.path, img_key, caption_key, separator)
+        caption_keys = [key.strip() for key in caption_key.split(",") if key.strip()]
+        frame = _read_columns(self.path, img_key, caption_keys, separator)
         self.images = StringColumn(frame[img_key])
-        self.captions = StringColumn(frame[caption_key])
+        self.caption_columns = [StringColumn(frame[key]) for key in caption_keys]
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.images)
+
+    def captions(self, row: int) -> tuple[str, ...]:
+        """Row `row`'s captions: one per caption column, a cell holding a JSON list of strings giving each."""
+        found: list[str] = []
+        for column in self.caption_columns:
+            cell = column[row].strip()
+            found += cell_captions(cell)
+        return tuple(found)
 
     def sample(self, row: int, skips: SkipLog) -> Sample | None:
         """Row `row` as a `Sample` with index `row`, or None (a recorded skip) when it cannot be used."""
-        image_path, caption = self.images[row], self.captions[row]
-        if not image_path or not caption:
+        image_path, captions = self.images[row], self.captions(row)
+        if not image_path or not captions:
             skips.record(f"CSV {self.path}", f"row {row} (empty {'image path' if not image_path else 'caption'})")
             return None
         try:
@@ -69,11 +79,24 @@ class CsvTable:
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             skips.record(f"CSV {self.path}", f"row {row} (image {image_path}: {error_text(error)})")
             return None
-        return Sample(rgb, caption, row)
+        return Sample(rgb, captions, row)
 
 
-def _read_columns(path: str, img_key: str, caption_key: str, separator: str) -> pd.DataFrame:
-    """The two columns as strings (empty cells as ""), or a `DataError` that says which flag to fix."""
+def cell_captions(cell: str) -> list[str]:
+    """A caption cell's captions: a JSON list of strings (e.g. '["a dog", "a brown dog"]') gives each, any
+    other text is one caption."""
+    if cell.startswith("["):
+        try:
+            listed = json.loads(cell)
+        except ValueError:
+            listed = None
+        if isinstance(listed, list) and all(isinstance(c, str) for c in listed):
+            return [c.strip() for c in listed if c.strip()]
+    return [cell] if cell else []
+
+
+def _read_columns(path: str, img_key: str, caption_keys: list[str], separator: str) -> pd.DataFrame:
+    """The image and caption columns as strings (empty cells as ""), or a `DataError` that says which flag to fix."""
     def read(**kwargs: object) -> pd.DataFrame:
         try:
             return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, **kwargs)
@@ -82,8 +105,9 @@ def _read_columns(path: str, img_key: str, caption_key: str, separator: str) -> 
                             f"(now {separator!r})") from error
 
     columns = list(read(nrows=0).columns)
-    for key, flag, holds in ((img_key, "--csv-img-key", "image paths"), (caption_key, "--csv-caption-key", "captions")):
+    wanted = [(img_key, "--csv-img-key", "image paths")] + [(key, "--csv-caption-key", "captions") for key in caption_keys]
+    for key, flag, holds in wanted:
         if key not in columns:
             raise DataError(f"CSV {path} has no column {key!r} (columns: {columns}, split at {separator!r}): set "
                             f"{flag} to the column of the {holds}, or --csv-separator to the file's separator")
-    return read(usecols=[img_key, caption_key])
+    return read(usecols=[img_key, *caption_keys])

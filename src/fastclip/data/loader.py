@@ -314,7 +314,7 @@ class ShardValDataset(IterableDataset):
         samples = self._samples(self.rank * workers + worker, self.world_size * workers, skips)
         for batch in chunks(itertools.islice(samples, self.limit), self.batch_size):
             orders, chunk = zip(*batch)
-            yield {**collate(chunk, self.preprocess, self.tokenizer, skips.take()),
+            yield {**collate(chunk, self.preprocess, self.tokenizer, skips.take(), draw_captions=False),
                    "order": torch.tensor(orders, dtype=torch.int64)}
 
 
@@ -363,7 +363,7 @@ class CsvValDataset(IterableDataset):
         rows = range(self.rank * workers + worker, self.rows, self.world_size * workers)
         samples = (sample for sample in (self.table.sample(row, skips) for row in rows) if sample is not None)
         for batch in chunks(samples, self.batch_size):
-            yield {**collate(batch, self.preprocess, self.tokenizer, skips.take()),
+            yield {**collate(batch, self.preprocess, self.tokenizer, skips.take(), draw_captions=False),
                    "order": torch.tensor([sample.index for sample in batch], dtype=torch.int64)}
 
 

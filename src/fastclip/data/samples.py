@@ -3,6 +3,11 @@
 Index. A sample's index is int(json["key"]) (img2dataset writes it); with `data_size` given it must
 lie in [0, data_size), the per-sample state's index range.
 
+Captions. A sample may hold several captions of its image (MS-COCO, Flickr30k, re-captioned web data):
+one per line of its .txt, or a list under "captions" in its .json. Training draws one per visit, from the
+batch's seeded generators (as the augmentations are, so an exact resume draws the same ones); the sample
+keeps its one index, so FastCLIP keeps one u per image, whichever caption a visit brings.
+
 Bad input. Errors (`DataError`) where training would silently be wrong: with `data_size` given, a
 sample whose .json is missing, has no integer "key", or a key outside [0, data_size). Counted skips
 (logged with shard and sample key, the first few per worker and epoch, and counted in the next batch's
@@ -44,11 +49,34 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    """A decoded pair; `index` is int(json['key']), or -1 where it is absent and not needed."""
+    """A decoded image with its captions (one or more); `index` is int(json['key']), or -1 where it is
+    absent and not needed."""
 
     image: Image.Image
-    text: str
+    captions: tuple[str, ...]
     index: int
+
+    def caption(self, draw: bool) -> str:
+        """One caption: drawn from the global RNG (seeded per batch in training) or, without `draw`, the first."""
+        if draw and len(self.captions) > 1:
+            return self.captions[random.randrange(len(self.captions))]
+        return self.captions[0]
+
+
+def split_captions(text: str) -> tuple[str, ...]:
+    """The captions of a text member: its non-empty lines, stripped."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def json_captions(raw: dict[str, Any]) -> tuple[str, ...]:
+    """The "captions" list of a sample's .json, when it has one (strings only), else nothing."""
+    try:
+        listed = json.loads(raw["json"]).get("captions")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ()
+    if not isinstance(listed, list):
+        return ()
+    return tuple(c.strip() for c in listed if isinstance(c, str) and c.strip())
 
 
 def derive_rng(*keys: int) -> np.random.Generator:
@@ -159,25 +187,30 @@ def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) ->
     """Image, caption and index of a raw sample, or None (a recorded skip) when it cannot be used."""
     shard, key = raw["__url__"], raw["__key__"]
     extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    if extension is None or "txt" not in raw:
+    listed = json_captions(raw)
+    if extension is None or ("txt" not in raw and not listed):
         skips.record(f"shard {shard}", f"sample {key} (no {'image' if extension is None else 'text'})")
         return None
     index = sample_index(raw, data_size)
     try:
-        text = raw["txt"].decode("utf-8")
+        captions = listed or split_captions(raw["txt"].decode("utf-8"))
         with Image.open(io.BytesIO(raw[extension])) as image:
             rgb = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         skips.record(f"shard {shard}", f"sample {key} (undecodable .{extension} or .txt: {error_text(error)})")
         return None
-    return Sample(rgb, text, index)
+    if not captions:
+        skips.record(f"shard {shard}", f"sample {key} (empty caption)")
+        return None
+    return Sample(rgb, captions, index)
 
 
-def collate(samples: Sequence[Sample], preprocess: Preprocess, tokenizer: Tokenizer, skipped: int) -> dict:
-    """One batch in the format the engine consumes."""
+def collate(samples: Sequence[Sample], preprocess: Preprocess, tokenizer: Tokenizer, skipped: int,
+            draw_captions: bool = True) -> dict:
+    """One batch in the format the engine consumes: a caption per sample, drawn (training) or the first."""
     return {
         "image": torch.stack([preprocess(s.image) for s in samples]),
-        "text": tokenizer([s.text for s in samples]),
+        "text": tokenizer([s.caption(draw_captions) for s in samples]),
         "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
         "skipped": skipped,
     }

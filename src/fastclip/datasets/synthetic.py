@@ -34,7 +34,7 @@ class SyntheticDataset(SlotDataset):
         rng = derive_rng(self.seed, index)
         pixels = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
         words = rng.choice(_WORDS, size=int(rng.integers(3, 12)))
-        return Sample(Image.fromarray(pixels), " ".join(words), index)
+        return Sample(Image.fromarray(pixels), (" ".join(words),), index)
 
     def pass_samples(self, slot: int, num_slots: int, pass_index: int, offset: int,
                      skips: SkipLog) -> Iterator[Sample | None]:

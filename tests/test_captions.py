@@ -1,0 +1,112 @@
+"""Several captions per image: shards whose .txt has one caption per line or whose .json lists "captions",
+and CSV rows with several caption columns or a JSON list. Training draws one caption per visit from the
+batch's seeded generators (an exact resume draws the same), and the sample keeps one index: one u per image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastclip.data.csv import CsvTable
+from fastclip.data.loader import build_csv_train_loader, build_train_loader, build_val_loader
+from fastclip.datasets.writer import shard_sample, write_shards
+from test_data_position import BATCH, SEED, assert_same, recorded, resumed, tokenizer  # noqa: F401 (fixture)
+
+PAIRS = 96
+
+
+def captions_of(i: int) -> list[str]:
+    """Pair i's captions: 1, 2 or 3 of them, each naming the pair."""
+    return [f"picture {i} variant {v}" for v in range(1 + i % 3)]
+
+
+def write_multi_caption_shards(directory) -> tuple[str, int]:
+    """Even pairs keep their captions one per line of the .txt, odd pairs list them in the .json."""
+    rng = np.random.default_rng(0)
+
+    def sample(key: str, i: int) -> dict:
+        image = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+        if i % 2 == 0:
+            return shard_sample(key, image, "\n".join(captions_of(i)))
+        raw = shard_sample(key, image, None, meta={"captions": captions_of(i)})
+        raw["json"]["caption"] = None
+        return raw
+
+    return write_shards(PAIRS, sample, directory, samples_per_shard=32)
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def drawn(batches: list[dict], tokenizer, pattern_keys: dict[int, int]) -> list[tuple[int, str]]:
+    """(pair, caption) of every sample of the batches, the caption found by its tokens."""
+    by_tokens = {tuple(tokenizer([c])[0].tolist()): c for i in range(PAIRS) for c in captions_of(i)}
+    pairs = []
+    for batch in batches:
+        for index, tokens in zip(batch["index"].tolist(), batch["text"]):
+            pairs.append((pattern_keys[index], by_tokens[tuple(tokens.tolist())]))
+    return pairs
+
+
+def test_training_draws_one_caption_per_visit_and_keeps_one_index_per_image(tmp_path, tokenizer):
+    pattern, data_size = write_multi_caption_shards(tmp_path)
+    pattern = str(tmp_path / pattern)
+    keys = {int(f"{s * 100 + p:07d}"): s * 32 + p for s in range(3) for p in range(32)}  # key -> pair
+    loader = build_train_loader(pattern, to_tensor, tokenizer, batch_size=BATCH, num_samples=PAIRS, seed=SEED,
+                                data_size=data_size, shuffle_buffer=8)
+    seen: dict[int, set[str]] = {}
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for pair, caption in drawn(list(loader), tokenizer, keys):
+            assert caption in captions_of(pair)  # a caption of its own image, under the image's one index
+            seen.setdefault(pair, set()).add(caption)
+    assert len(seen) == PAIRS
+    several = [pair for pair in range(PAIRS) if len(captions_of(pair)) > 1]
+    varied = sum(len(seen[pair]) > 1 for pair in several)
+    assert varied >= 0.8 * len(several)  # a fresh draw per visit (6 visits: all the same with p <= 1/32)
+    # validation reads the first caption, every time
+    val = build_val_loader(pattern, to_tensor, tokenizer, batch_size=BATCH, data_size=data_size)
+    assert all(caption == captions_of(pair)[0] for pair, caption in drawn(list(val), tokenizer, keys))
+
+
+def test_an_exact_resume_draws_the_same_captions(tmp_path, tokenizer):
+    pattern, data_size = write_multi_caption_shards(tmp_path)
+
+    def make():
+        loader = build_train_loader(str(tmp_path / pattern), to_tensor, tokenizer, batch_size=BATCH,
+                                    num_samples=PAIRS, seed=SEED, data_size=data_size, shuffle_buffer=8)
+        loader.set_epoch(2)
+        return loader
+
+    batches, states = recorded(make())
+    assert_same(list(resumed(make, states[2])), batches[2:])
+
+
+def test_csv_caption_columns_and_json_lists_give_several_captions(tmp_path, tokenizer):
+    rng = np.random.default_rng(0)
+    lines = ["filepath\ttitle\tother"]
+    for row in range(32):
+        path = tmp_path / f"{row}.png"
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path)
+        first = json.dumps(captions_of(row)[:2]) if row % 2 else captions_of(row)[0]
+        lines.append(f"{path}\t{first}\t{'' if row % 4 == 0 else f'row {row} again'}")
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    table = CsvTable(csv, caption_key="title,other")
+    assert table.captions(0) == ("picture 0 variant 0",)
+    assert table.captions(1) == ("picture 1 variant 0", "picture 1 variant 1", "row 1 again")
+    assert table.captions(2) == ("picture 2 variant 0", "row 2 again")
+    loader = build_csv_train_loader(table, to_tensor, tokenizer, batch_size=8, num_samples=32, seed=SEED)
+    texts = set()
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for row, tokens in zip(batch["index"].tolist(), batch["text"]):
+                options = {tuple(tokenizer([c])[0].tolist()) for c in table.captions(row)}
+                assert tuple(tokens.tolist()) in options
+                texts.add((row, tuple(tokens.tolist())))
+    assert sum(1 for row, _ in texts if row == 1) > 1  # row 1's three captions were not always the same one
