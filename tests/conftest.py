@@ -112,6 +112,7 @@ TIER_OF = {
     "test_startup.py::test_srun_ranks": "launcher",
     # multiprocess: several gloo processes in one test
     "test_fastclip_distributed.py": "multiprocess",
+    "test_captions.py::test_multi_caption_retrieval_split": "multiprocess",
     "test_state_files.py": "multiprocess",
     "test_state.py::test_round_trips": "multiprocess",
     "test_accumulation.py::test_accumulation_under_ddp": "multiprocess",

@@ -5,14 +5,20 @@ batch's seeded generators (an exact resume draws the same), and the sample keeps
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from fastclip.data.csv import CsvTable
 from fastclip.data.loader import build_csv_train_loader, build_train_loader, build_val_loader
 from fastclip.datasets.writer import shard_sample, write_shards
+from fastclip.distributed import comm
+from fastclip.evaluate import image_to_text_ranks, retrieval_eval, text_to_image_ranks
+from fastclip.models import build_model, register_model_configs
+from multiprocess import spawn
 from test_data_position import BATCH, SEED, assert_same, recorded, resumed, tokenizer  # noqa: F401 (fixture)
 
 PAIRS = 96
@@ -110,3 +116,63 @@ def test_csv_caption_columns_and_json_lists_give_several_captions(tmp_path, toke
                 assert tuple(tokens.tolist()) in options
                 texts.add((row, tuple(tokens.tolist())))
     assert sum(1 for row, _ in texts if row == 1) > 1  # row 1's three captions were not always the same one
+
+
+def brute_force_recall(images: torch.Tensor, captions: torch.Tensor, owner: list[int], k: int) -> tuple[float, float]:
+    """The COCO/Flickr protocol by counting: an image is a hit when one of its captions is among the k
+    highest-scored captions (ties against it), a caption when its image is among the k highest-scored images."""
+    scores = (images @ captions.T).tolist()
+    image_hits = 0
+    for i, row in enumerate(scores):
+        own = [c for c in range(len(owner)) if owner[c] == i]
+        image_hits += any(sum(1 for c2 in range(len(owner)) if owner[c2] != i and row[c2] >= row[c]) < k
+                          for c in own)
+    caption_hits = 0
+    for c in range(len(owner)):
+        column = [scores[i][c] for i in range(len(images))]
+        caption_hits += sum(1 for i in range(len(images)) if i != owner[c] and column[i] >= column[owner[c]]) < k
+    return image_hits / len(images), caption_hits / len(owner)
+
+
+def test_retrieval_with_several_captions_counts_as_coco_does():
+    generator = torch.Generator().manual_seed(0)
+    owner = [i for i in range(20) for _ in range(1 + i % 3)]
+    images = torch.nn.functional.normalize(torch.randn(20, 6, generator=generator), dim=1)
+    captions = torch.nn.functional.normalize(images[owner] + 0.9 * torch.randn(len(owner), 6, generator=generator),
+                                             dim=1)
+    owners = torch.tensor(owner)
+    to_text, to_image = image_to_text_ranks(images, captions, owners), text_to_image_ranks(captions, images, owners)
+    for k in (1, 5, 10):
+        expected = brute_force_recall(images, captions, owner, k)
+        assert ((to_text < k).float().mean().item(), (to_image < k).float().mean().item()) == pytest.approx(expected)
+    # the query rows in two blocks, as two ranks score them, give the same ranks
+    assert torch.equal(torch.cat([image_to_text_ranks(images[:7], captions, owners),
+                                  image_to_text_ranks(images[7:], captions, owners, first=7)]), to_text)
+    assert torch.equal(torch.cat([text_to_image_ranks(captions[:11], images, owners),
+                                  text_to_image_ranks(captions[11:], images, owners, first=11)]), to_image)
+
+
+def evaluate_multi_caption_set(pattern: str, data_size: int, out: str) -> None:
+    """This process's retrieval metrics of the multi-caption set, as one rank of the current group (or alone)."""
+    register_model_configs()
+    torch.manual_seed(0)
+    bundle = build_model("ViT-Tiny-32px")
+    loader = build_val_loader(pattern, bundle.preprocess_val, bundle.tokenizer, BATCH, data_size=data_size,
+                              rank=comm.rank(), world_size=comm.world_size())
+    metrics = retrieval_eval(bundle.model, loader, batch_size=BATCH)
+    Path(out, f"rank{comm.rank()}.json").write_text(json.dumps(metrics))
+
+
+def test_multi_caption_retrieval_split_over_two_ranks_gives_the_one_process_numbers(tmp_path):
+    pattern, data_size = write_multi_caption_shards(tmp_path / "shards")
+    pattern = str(tmp_path / "shards" / pattern)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    evaluate_multi_caption_set(pattern, data_size, str(tmp_path / "one"))
+    spawn(2, evaluate_multi_caption_set, pattern, data_size, str(tmp_path / "two"))
+    alone = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert alone["num_samples"] == PAIRS and alone["num_captions"] == sum(len(captions_of(i)) for i in range(PAIRS))
+    for rank in range(2):
+        split = json.loads((tmp_path / "two" / f"rank{rank}.json").read_text())
+        assert split.keys() == alone.keys()
+        assert split == pytest.approx(alone, rel=1e-5)

@@ -15,7 +15,14 @@ from conftest import SEED_COMMANDS, scaled, tiny_run
 from fastclip.data.loader import build_val_loader
 from fastclip.datasets.demo import DemoData, build_demo
 from fastclip.distributed import comm
-from fastclip.evaluate import embed_pairs, ground_truth_ranks, rank_metrics, retrieval_eval, zero_shot_eval
+from fastclip.evaluate import (
+    embed_pairs,
+    image_to_text_ranks,
+    rank_metrics,
+    retrieval_eval,
+    text_to_image_ranks,
+    zero_shot_eval,
+)
 from fastclip.models import build_model
 from multiprocess import spawn
 from training.main import main
@@ -82,10 +89,9 @@ def test_two_ranks_split_the_evaluation_and_both_return_the_one_process_results(
             # ranks are discrete: the captions repeat (ten classes), so a last-bit difference between the two
             # embeddings can reorder tied texts. The split itself is exact: one process ranking the rank's
             # own gathered features gives its numbers to the last bit.
-            ranked = {**rank_metrics("image_to_text", ground_truth_ranks(r["image_features"][:first],
-                                                                         r["text_features"][:first])),
-                      **rank_metrics("text_to_image", ground_truth_ranks(r["text_features"][:first],
-                                                                         r["image_features"][:first])),
+            images, texts, owner = r["image_features"][:first], r["text_features"][:first], torch.arange(first)
+            ranked = {**rank_metrics("image_to_text", image_to_text_ranks(images, texts, owner)),
+                      **rank_metrics("text_to_image", text_to_image_ranks(texts, images, owner)),
                       "num_samples": first}
             assert {k: v for k, v in r[name].items() if "loss" not in k} == ranked
     assert ranks[0]["retrieval_first"]["num_samples"] == FIRST

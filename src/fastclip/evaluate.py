@@ -16,6 +16,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,24 +173,45 @@ def retrieval_eval(
 ) -> dict[str, float | int]:
     """Image<->text recall@1/5/10 and ranks over the whole validation set, plus the CLIP loss (in-batch
     negatives, the model's logit_scale) averaged over consecutive blocks of `batch_size` pairs in set
-    order, as one process reading the set in batches of that size sees them; pair i's match is pair i.
+    order, as one process reading the set in batches of that size sees them, and the global contrastive
+    loss; pair i's match is pair i.
+
+    With several captions per image (MS-COCO, Flickr30k), recall follows their protocol: image->text is a
+    hit when any of the image's captions is in the top k of all captions, text->image counts every caption
+    as a query of its image; the losses use each image's first caption.
 
     `loader` yields this rank's share of the set (`embed_pairs`); `num_samples` keeps the first pairs.
     The ranks split the query rows between them.
     """
     model = unwrap(model)
-    image_features, text_features = embed_pairs(model, loader, device, precision=precision, num_samples=num_samples)
+    embedded = embed_set(model, loader, device, precision=precision, num_samples=num_samples)
+    image_features, text_features = embedded.images, embedded.texts
     with torch.inference_mode():
         metrics: dict[str, float | int] = {}
-        metrics.update(rank_metrics("image_to_text", _split_ground_truth_ranks(image_features, text_features)))
-        metrics.update(rank_metrics("text_to_image", _split_ground_truth_ranks(text_features, image_features)))
+        metrics.update(rank_metrics("image_to_text", _split_ranks(image_to_text_ranks, image_features,
+                                                                  embedded.captions, embedded.owner)))
+        metrics.update(rank_metrics("text_to_image", _split_ranks(text_to_image_ranks, embedded.captions,
+                                                                  image_features, embedded.owner)))
         logit_scale = model.logit_scale.exp().float()
         metrics["clip_val_loss"] = blockwise_clip_loss(image_features, text_features, logit_scale, batch_size)
         if len(image_features) > 1:
             metrics["global_val_loss"] = global_contrastive_loss(image_features, text_features, 1 / float(logit_scale))
             metrics["global_val_loss_ref"] = global_contrastive_loss(image_features, text_features, REFERENCE_TAU)
     metrics["num_samples"] = len(image_features)
+    if len(embedded.captions) != len(image_features):
+        metrics["num_captions"] = len(embedded.captions)
     return metrics
+
+
+@dataclass(frozen=True)
+class EmbeddedSet:
+    """A validation set's normalised float32 features in set order: `images` and `texts` (each image's
+    first caption) row by row, and every caption with the row of its image (`owner`)."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    captions: torch.Tensor
+    owner: torch.Tensor
 
 
 def embed_pairs(
@@ -200,27 +222,48 @@ def embed_pairs(
     precision: Precision | str = "fp32",
     num_samples: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float32 image and text features of the whole set, on every rank, in set order.
+    """The image features and each image's first caption's features of `embed_set`."""
+    embedded = embed_set(model, loader, device, precision=precision, num_samples=num_samples)
+    return embedded.images, embedded.texts
+
+
+def embed_set(
+    model: torch.nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str = "cpu",
+    *,
+    precision: Precision | str = "fp32",
+    num_samples: int | None = None,
+) -> EmbeddedSet:
+    """Normalised float32 features of the whole set, on every rank, in set order.
 
     Each rank embeds what its loader yields, batches carrying each pair's place in the set as 'order'
     (`build_val_loader`'s); the features of all ranks are gathered and sorted by it, so the result does
     not depend on how the set was split. Every rank holds all N x D features on `device`: the recall
     computation needs them. With `num_samples`, the first pairs in set order: the orders are gathered
     first, and only the features of those pairs (a loader built with `limit` reads at most that many
-    per worker slot).
+    per worker slot). Batches with several captions per image ('captions', 'caption_owner') have each
+    caption embedded; the others' only caption is the first.
     """
     model, device = unwrap(model), torch.device(device)
     precision = _resolve(precision, device)
     input_dtype = open_clip.get_input_dtype(precision.model_dtype)
-    images_out, texts_out, orders = [], [], []
+    images_out, texts_out, orders, captions_out, caption_orders = [], [], [], [], []
     with _eval_mode(model), torch.inference_mode():
         for batch in _progress(loader, "retrieval"):
             images = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
             texts = batch["text"].to(device=device, non_blocking=True)
+            order = batch["order"].to(device=device, non_blocking=True)
             with precision.autocast(device):
                 images_out.append(model.encode_image(images, normalize=True).float())
                 texts_out.append(model.encode_text(texts, normalize=True).float())
-            orders.append(batch["order"].to(device=device, non_blocking=True))
+                if "captions" in batch:
+                    captions_out.append(model.encode_text(batch["captions"].to(device), normalize=True).float())
+                    caption_orders.append(order[batch["caption_owner"].to(device)])
+                else:
+                    captions_out.append(texts_out[-1])
+                    caption_orders.append(order)
+            orders.append(order)
         local_order = _joined(orders, torch.empty(0, dtype=torch.int64, device=device))
         order = comm.gather_rows(local_order)
         if len(order) == 0:
@@ -230,19 +273,63 @@ def embed_pairs(
         empty = torch.empty(0, 0, device=device)
         local = _joined([torch.cat(pair, dim=1) for pair in zip(images_out, texts_out)], empty)
         features = comm.gather_rows(local[local_order <= cutoff])  # only the kept rows travel
-        features = features[order[order <= cutoff].argsort()]
+        kept = order[order <= cutoff].sort()
+        features = features[kept.indices]
         width = features.shape[1] // 2
-    return features[:, :width], features[:, width:]
+        captions, owner = _gathered_captions(captions_out, caption_orders, cutoff, kept.values, device)
+    return EmbeddedSet(features[:, :width], features[:, width:], captions, owner)
+
+
+def _gathered_captions(parts: list[torch.Tensor], part_orders: list[torch.Tensor], cutoff: torch.Tensor,
+                       image_orders: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's captions of the kept images, sorted by their image's place in the set (stable: an image's
+    captions keep their order), and the row of that image."""
+    local = _joined(parts, torch.empty(0, 0, device=device))
+    local_orders = _joined(part_orders, torch.empty(0, dtype=torch.int64, device=device))
+    keep = local_orders <= cutoff
+    captions = comm.gather_rows(local[keep])
+    orders = comm.gather_rows(local_orders[keep])
+    sorted_orders, by_image = orders.sort(stable=True)
+    return captions[by_image], torch.searchsorted(image_orders, sorted_orders)
 
 
 def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else empty
 
 
-def _split_ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`ground_truth_ranks` of every query; each rank scores a block of the query rows."""
+def _split_ranks(ranks: Callable[..., torch.Tensor], queries: torch.Tensor, keys: torch.Tensor,
+                 owner: torch.Tensor) -> torch.Tensor:
+    """`ranks` of every query; each rank scores a block of the query rows."""
     rows = rank_share(len(queries), comm.rank(), comm.world_size())
-    return comm.gather_rows(ground_truth_ranks(queries[rows.start : rows.stop], keys, first=rows.start))
+    return comm.gather_rows(ranks(queries[rows.start : rows.stop], keys, owner, first=rows.start))
+
+
+def image_to_text_ranks(images: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor, first: int = 0,
+                        chunk: int = 1024) -> torch.Tensor:
+    """0-based rank of image `first + i`'s best-scored own caption among all captions (`owner[c]` is caption
+    c's image): the other images' captions scoring at least as high, ties against the match, so a collapsed
+    model scores no recall."""
+    ranks = torch.empty(len(images), dtype=torch.int64, device=images.device)
+    for start in range(0, len(images), chunk):
+        scores = images[start : start + chunk] @ captions.T
+        rows = torch.arange(len(scores), device=scores.device) + first + start
+        own = owner.unsqueeze(0) == rows.unsqueeze(1)
+        best = scores.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
+        ranks[start : start + len(scores)] = ((scores >= best) & ~own).sum(dim=1)
+    return ranks
+
+
+def text_to_image_ranks(captions: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, first: int = 0,
+                        chunk: int = 1024) -> torch.Tensor:
+    """0-based rank of caption `first + c`'s own image (`owner[first + c]`) among all images, ties against
+    the match; every caption is a query."""
+    ranks = torch.empty(len(captions), dtype=torch.int64, device=captions.device)
+    for start in range(0, len(captions), chunk):
+        scores = captions[start : start + chunk] @ images.T
+        rows = torch.arange(len(scores), device=scores.device)
+        matched = scores[rows, owner[first + start : first + start + len(scores)]].unsqueeze(1)
+        ranks[start : start + len(scores)] = (scores >= matched).sum(dim=1) - 1
+    return ranks
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -293,18 +380,6 @@ def global_contrastive_loss(image_features: torch.Tensor, text_features: torch.T
         sums[1] = log_mean_exp_negatives(text_features[rows.start : rows.stop], image_features, tau,
                                          first=rows.start).double().sum()
     return float(comm.all_reduce_sum(sums).sum()) / (2 * len(image_features))
-
-
-def ground_truth_ranks(queries: torch.Tensor, keys: torch.Tensor, first: int = 0, chunk: int = 1024) -> torch.Tensor:
-    """0-based rank of key `first + i` among all keys for query i, by cosine score, in row chunks so memory
-    stays O(chunk * n). Ties count against the match, so a collapsed model scores no recall."""
-    ranks = torch.empty(len(queries), dtype=torch.int64, device=queries.device)
-    for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ keys.T
-        rows = torch.arange(len(scores), device=scores.device)
-        matched = scores[rows, rows + first + start].unsqueeze(1)
-        ranks[start : start + len(scores)] = (scores >= matched).sum(dim=1) - 1
-    return ranks
 
 
 def rank_metrics(name: str, ranks: torch.Tensor) -> dict[str, float]:

@@ -207,10 +207,16 @@ def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) ->
 
 def collate(samples: Sequence[Sample], preprocess: Preprocess, tokenizer: Tokenizer, skipped: int,
             draw_captions: bool = True) -> dict:
-    """One batch in the format the engine consumes: a caption per sample, drawn (training) or the first."""
-    return {
+    """One batch in the format the engine consumes: a caption per sample, drawn (training) or the first.
+    Without drawing (validation), a batch where some sample has several captions also carries all of them
+    ('captions') and the batch position of each one's image ('caption_owner'), for retrieval."""
+    batch = {
         "image": torch.stack([preprocess(s.image) for s in samples]),
         "text": tokenizer([s.caption(draw_captions) for s in samples]),
         "index": torch.tensor([s.index for s in samples], dtype=torch.int64),
         "skipped": skipped,
     }
+    if not draw_captions and any(len(s.captions) > 1 for s in samples):
+        batch["captions"] = tokenizer([c for s in samples for c in s.captions])
+        batch["caption_owner"] = torch.tensor([i for i, s in enumerate(samples) for _ in s.captions])
+    return batch
