@@ -93,10 +93,11 @@ def install(use: str, root: Path = Path("/")) -> str | None:
     if not absent:
         return None
     names = ", ".join(p.name for p in absent)
+    them = "it" if len(absent) == 1 else "them"
     command = apt_get()
     if command is None:
-        reason = "apt-get is not available" if shutil.which("apt-get") is None else "installing them needs root"
-        return f"{names} not installed and {reason}: {WITHOUT[use]}; install them with: {install_hint(absent)}"
+        reason = "apt-get is not available" if shutil.which("apt-get") is None else f"installing {them} needs root"
+        return f"{names} not installed and {reason}: {WITHOUT[use]}; install {them} with: {install_hint(absent)}"
     print(f"data: installing {names} with apt-get", flush=True)
     for step in (["update", "-qq"], ["install", "-y", "-qq", *(p.name for p in absent)]):
         result = _run([*command, *step])
@@ -119,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action == "check":
         absent = missing(NEEDS[args.use], args.root)
-        line = (f"{', '.join(p.name for p in absent)} not installed: {WITHOUT[args.use]}; install them with: "
+        them = "it" if len(absent) == 1 else "them"
+        line = (f"{', '.join(p.name for p in absent)} not installed: {WITHOUT[args.use]}; install {them} with: "
                 f"{install_hint(absent)}") if absent else None
     else:
         line = install(args.use, args.root)
