@@ -1,4 +1,5 @@
-"""Several captions per image: shards whose .txt has one caption per line or whose .json lists "captions",
+"""Several captions per image: shards whose .txt has one caption per line (`captions_per_line`, the flag
+--captions-per-line) or whose .json lists "captions",
 and CSV rows with several caption columns or a JSON list. Training draws one caption per visit from the
 batch's seeded generators (an exact resume draws the same), and the sample keeps one index: one u per image."""
 
@@ -63,7 +64,7 @@ def test_training_draws_one_caption_per_visit_and_keeps_one_index_per_image(tmp_
     pattern = str(tmp_path / pattern)
     keys = {int(f"{s * 100 + p:07d}"): s * 32 + p for s in range(3) for p in range(32)}  # key -> pair
     loader = build_train_loader(pattern, to_tensor, tokenizer, batch_size=BATCH, num_samples=PAIRS, seed=SEED,
-                                data_size=data_size, shuffle_buffer=8)
+                                data_size=data_size, shuffle_buffer=8, captions_per_line=True)
     seen: dict[int, set[str]] = {}
     for epoch in range(6):
         loader.set_epoch(epoch)
@@ -75,7 +76,7 @@ def test_training_draws_one_caption_per_visit_and_keeps_one_index_per_image(tmp_
     varied = sum(len(seen[pair]) > 1 for pair in several)
     assert varied >= 0.8 * len(several)  # a fresh draw per visit (6 visits: all the same with p <= 1/32)
     # validation reads the first caption, every time
-    val = build_val_loader(pattern, to_tensor, tokenizer, batch_size=BATCH, data_size=data_size)
+    val = build_val_loader(pattern, to_tensor, tokenizer, batch_size=BATCH, data_size=data_size, captions_per_line=True)
     assert all(caption == captions_of(pair)[0] for pair, caption in drawn(list(val), tokenizer, keys))
 
 
@@ -84,12 +85,25 @@ def test_an_exact_resume_draws_the_same_captions(tmp_path, tokenizer):
 
     def make():
         loader = build_train_loader(str(tmp_path / pattern), to_tensor, tokenizer, batch_size=BATCH,
-                                    num_samples=PAIRS, seed=SEED, data_size=data_size, shuffle_buffer=8)
+                                    num_samples=PAIRS, seed=SEED, data_size=data_size, shuffle_buffer=8,
+                                    captions_per_line=True)
         loader.set_epoch(2)
         return loader
 
     batches, states = recorded(make())
     assert_same(list(resumed(make, states[2])), batches[2:])
+
+
+def test_without_captions_per_line_a_txt_is_one_caption_line_breaks_included(tmp_path, tokenizer):
+    pattern, data_size = write_multi_caption_shards(tmp_path)
+    val = build_val_loader(str(tmp_path / pattern), to_tensor, tokenizer, batch_size=BATCH, data_size=data_size)
+    batches = list(val)
+    pair_5 = next(b for b in batches if 5 in b["order"].tolist())  # odd pair: its .json lists the captions
+    assert "captions" in pair_5  # a .json list still gives several
+    pair_2 = [b for b in batches if 2 in b["order"].tolist()][0]
+    position = pair_2["order"].tolist().index(2)
+    whole = tokenizer(["\n".join(captions_of(2))])[0]
+    assert torch.equal(pair_2["text"][position], whole)  # the .txt whole, as open_clip reads it
 
 
 def test_csv_caption_columns_and_json_lists_give_several_captions(tmp_path, tokenizer):
@@ -145,6 +159,10 @@ def test_retrieval_with_several_captions_counts_as_coco_does():
     for k in (1, 5, 10):
         expected = brute_force_recall(images, captions, owner, k)
         assert ((to_text < k).float().mean().item(), (to_image < k).float().mean().item()) == pytest.approx(expected)
+    broken = images.clone()
+    broken[3] = float("nan")  # NaN features never count as hits
+    assert image_to_text_ranks(broken, captions, owners)[3] == len(owner)
+    assert (text_to_image_ranks(captions, broken, owners)[owners == 3] == 20).all()
     # the query rows in two blocks, as two ranks score them, give the same ranks
     assert torch.equal(torch.cat([image_to_text_ranks(images[:7], captions, owners),
                                   image_to_text_ranks(images[7:], captions, owners, first=7)]), to_text)
@@ -158,7 +176,7 @@ def evaluate_multi_caption_set(pattern: str, data_size: int, out: str) -> None:
     torch.manual_seed(0)
     bundle = build_model("ViT-Tiny-32px")
     loader = build_val_loader(pattern, bundle.preprocess_val, bundle.tokenizer, BATCH, data_size=data_size,
-                              rank=comm.rank(), world_size=comm.world_size())
+                              rank=comm.rank(), world_size=comm.world_size(), captions_per_line=True)
     metrics = retrieval_eval(bundle.model, loader, batch_size=BATCH)
     Path(out, f"rank{comm.rank()}.json").write_text(json.dumps(metrics))
 

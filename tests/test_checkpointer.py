@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastclip.checkpoint.checkpointer import Checkpointer, StatefulParts
+from fastclip.checkpoint.files import CheckpointError
 from fastclip.losses.openclip import OpenCLIPObjective
 from fastclip.train.progress import Progress
 
@@ -28,10 +29,10 @@ class MixingWeights:
         self.updates = state["updates"]
 
 
-def checkpointer(directory, **states) -> Checkpointer:
+def checkpointer(directory, required: tuple[str, ...] = (), **states) -> Checkpointer:
     model = torch.nn.Linear(2, 2)
     parts = StatefulParts(model, OpenCLIPObjective(False, False, 0, 1),
-                          {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), **states})
+                          {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), **states}, required=required)
     return Checkpointer(directory, parts, steps_per_epoch=4)
 
 
@@ -54,6 +55,13 @@ def test_a_part_the_checkpoint_predates_starts_afresh(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fastclip"):
         checkpointer(tmp_path, mixing=added).restore([path], explicit=True)
     assert added.updates == 0 and "holds no 'mixing' state" in caplog.text
+
+
+def test_a_checkpoint_without_a_required_part_is_refused(tmp_path):
+    path = checkpointer(tmp_path).save(Progress(1, 0, 4), "epoch_1")
+    with pytest.raises(CheckpointError, match="holds no 'mixing' state, so it cannot be resumed: to start from "
+                                              "its weights, pass --pretrained"):
+        checkpointer(tmp_path, required=("mixing",), mixing=MixingWeights()).restore([path], explicit=True)
 
 
 @pytest.mark.parametrize("name", ["state_dict", "ranks", "epoch"])

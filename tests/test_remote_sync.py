@@ -183,6 +183,7 @@ def test_failed_sync_is_a_one_line_warning_and_the_next_one_retries(run, remote,
 def test_fetch_restores_checkpoints_for_resume_latest(run, remote, tmp_path):
     save_checkpoint(run, "epoch_1", "1-aa", step=1)
     save_checkpoint(run, "epoch_latest", "5-bb", step=5)
+    (run / "wandb_id.txt").write_text("0123456789abcdef\n")  # the wandb run a resumed job continues
     assert syncer(run, remote).sync()
     (remote / "checkpoints" / "epoch_2.per_sample.2-cc").mkdir()  # an incomplete remote checkpoint
     files.save_atomic({"epoch": 2, "step": 2, "state_dict": {}, "per_sample_dir": "epoch_2.per_sample.2-cc"},
@@ -195,6 +196,7 @@ def test_fetch_restores_checkpoints_for_resume_latest(run, remote, tmp_path):
     state = files.per_sample_dir(newest[0], files.peek(newest[0]))
     assert names(state) == {"manifest.json", "rank00000-of-00001.bin"}
     assert files.remove_leftovers(fresh / "checkpoints") == []
+    assert (fresh / "wandb_id.txt").read_text() == "0123456789abcdef\n"
     assert fetch_checkpoints(str(remote), fresh, "fsspec") == []  # the local folder has checkpoints now
 
 

@@ -308,27 +308,29 @@ def image_to_text_ranks(images: torch.Tensor, captions: torch.Tensor, owner: tor
                         chunk: int = 1024) -> torch.Tensor:
     """0-based rank of image `first + i`'s best-scored own caption among all captions (`owner[c]` is caption
     c's image): the other images' captions scoring at least as high, ties against the match, so a collapsed
-    model scores no recall."""
+    model scores no recall (nor do NaN features: their rank is the number of captions)."""
     ranks = torch.empty(len(images), dtype=torch.int64, device=images.device)
     for start in range(0, len(images), chunk):
         scores = images[start : start + chunk] @ captions.T
         rows = torch.arange(len(scores), device=scores.device) + first + start
         own = owner.unsqueeze(0) == rows.unsqueeze(1)
         best = scores.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
-        ranks[start : start + len(scores)] = ((scores >= best) & ~own).sum(dim=1)
+        counted = ((scores >= best) & ~own).sum(dim=1)
+        ranks[start : start + len(scores)] = torch.where(best.squeeze(1).isfinite(), counted, len(captions))
     return ranks
 
 
 def text_to_image_ranks(captions: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, first: int = 0,
                         chunk: int = 1024) -> torch.Tensor:
     """0-based rank of caption `first + c`'s own image (`owner[first + c]`) among all images, ties against
-    the match; every caption is a query."""
+    the match (NaN features: the number of images); every caption is a query."""
     ranks = torch.empty(len(captions), dtype=torch.int64, device=captions.device)
     for start in range(0, len(captions), chunk):
         scores = captions[start : start + chunk] @ images.T
         rows = torch.arange(len(scores), device=scores.device)
         matched = scores[rows, owner[first + start : first + start + len(scores)]].unsqueeze(1)
-        ranks[start : start + len(scores)] = (scores >= matched).sum(dim=1) - 1
+        counted = (scores >= matched).sum(dim=1) - 1
+        ranks[start : start + len(scores)] = torch.where(matched.squeeze(1).isfinite(), counted, len(images))
     return ranks
 
 

@@ -229,7 +229,8 @@ def _build_run(config: Config, env: DistEnv, stack: contextlib.ExitStack) -> Run
     objective = build_objective(config, env)
     metrics = stack.enter_context(contextlib.closing(
         MetricsSink(run_dir, run.report_to, config.flat(), enabled=env.is_master,
-                    wandb_project=run.wandb_project_name, wandb_notes=run.wandb_notes)))
+                    wandb_project=run.wandb_project_name, wandb_notes=run.wandb_notes,
+                    resume=config.checkpoint.resume is not None)))
     steps = StepPlan.of_epoch(len(data.train), config.optim.accum_freq, config.optim.epochs)
     if env.is_master and isinstance(objective, FastCLIPObjective):
         for warning in short_run_warnings(objective.config, steps.epochs, steps.total_steps):
@@ -237,7 +238,7 @@ def _build_run(config: Config, env: DistEnv, stack: contextlib.ExitStack) -> Run
     trainer = build_trainer(config, env, bundle.model, objective, precision, steps, metrics)
     states = {"optimizer": trainer.optimizer, "scaler": trainer.stepper, "objective": objective, "guard": trainer.guard}
     parts = StatefulParts(trainer.model, objective, states, data.train,
-                          extra={"name": run.name, "config": plain_config(config)})
+                          extra={"name": run.name, "config": plain_config(config)}, required=("optimizer", "objective"))
     checkpointer = Checkpointer(run_dir / "checkpoints", parts, steps.steps_per_epoch)
     saves = config.checkpoint
     policy = SavePolicy(every_n_epochs=saves.save_frequency, final_epoch=config.optim.epochs,

@@ -29,6 +29,7 @@ class DataConfig:
     csv_separator: str
     csv_img_key: str
     csv_caption_key: str
+    captions_per_line: bool
     batch_size: int
     workers: int
 

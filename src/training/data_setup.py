@@ -51,7 +51,8 @@ def build_data(config: Config, env: DistEnv, bundle: ModelBundle, csv_table: Csv
         try:
             train = build_train_loader(data.train_data, num_samples=data.train_num_samples, data_size=data.data_size,
                                        dataset_resampled=data.dataset_resampled,
-                                       train_data_upsampling_factors=data.train_data_upsampling_factors, **common)
+                                       train_data_upsampling_factors=data.train_data_upsampling_factors,
+                                       captions_per_line=data.captions_per_line, **common)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         if env.is_master and not data.dataset_resampled:
@@ -72,7 +73,7 @@ def build_data(config: Config, env: DistEnv, bundle: ModelBundle, csv_table: Csv
         if val_table is not None:
             return build_csv_val_loader(val_table, bundle.preprocess_val, bundle.tokenizer, data.batch_size, **shared)
         return build_val_loader(evaluation.val_data, bundle.preprocess_val, bundle.tokenizer, data.batch_size,
-                                **shared)
+                                captions_per_line=data.captions_per_line, **shared)
 
     return DataBundle(train, val)
 

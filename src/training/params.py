@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
           help="For csv-like datasets, the name of the key for the captions; several columns of captions of "
                "the same image, comma-separated, and a cell holding a JSON list, give several captions, one "
                "drawn per visit")
+    p.add("--captions-per-line", action="store_true",
+          help="webdataset: each line of a sample's .txt is one caption of its image (MS-COCO style; one is drawn "
+               "per visit, all count in retrieval); without it a .txt is one caption. A .json 'captions' list "
+               "always gives several")
     p.add("--imagenet-val", type=str, default=None,
           help="image folder with one sub-folder per class (e.g. ImageNet-1k val) for zero-shot classification")
     p.add("--zeroshot-classnames", type=str, default=None,

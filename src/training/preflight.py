@@ -129,7 +129,11 @@ def check_model_name(name: str) -> None:
         folder = Path(name[len(LOCAL_DIR):])
         if not (folder / "open_clip_config.json").is_file():
             _fail(f"--model {name}: {folder} is not a folder holding open_clip_config.json: fix the path")
-        check_trainable(name, json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {}))
+        try:
+            config = json.loads((folder / "open_clip_config.json").read_text())
+        except (OSError, ValueError) as error:
+            _fail(f"--model {name}: {folder / 'open_clip_config.json'} cannot be read ({error}): fix or re-export it")
+        check_trainable(name, config.get("model_cfg", {}))
         return
     import open_clip
 

@@ -58,7 +58,9 @@ class StatefulParts:
     special: `model` is saved bare (unwrapped, finite) under "state_dict", where open_clip.load_checkpoint
     reads it; `objective`'s per-sample state is written sharded per rank beside the .pt (its small values
     are a registered part); `loader` (the training loader) holds a per-rank position, gathered to rank 0
-    with the RNG states; `extra` (run name, resolved flags) is recorded, never restored.
+    with the RNG states; `extra` (run name, resolved flags) is recorded, never restored. A checkpoint
+    without a `required` part cannot be resumed (it is not one of this run's kind: a weights file, say);
+    any other part it lacks starts afresh.
     """
 
     model: torch.nn.Module
@@ -66,6 +68,7 @@ class StatefulParts:
     states: dict[str, Stateful]
     loader: Any = None
     extra: dict = field(default_factory=dict)
+    required: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         taken = [name for name in self.states if name in RESERVED or name in self.extra]
@@ -240,6 +243,9 @@ class Checkpointer:
         for name, part in self.parts.states.items():
             if name in checkpoint:
                 part.load_state_dict(checkpoint[name])
+            elif name in self.parts.required:
+                raise files.CheckpointError(f"{path} holds no {name!r} state, so it cannot be resumed: to start "
+                                            f"from its weights, pass --pretrained {path} instead of --resume")
             else:
                 logger.warning("%s holds no %r state (written before that part was saved): it starts afresh",
                                path, name)

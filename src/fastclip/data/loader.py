@@ -228,9 +228,11 @@ class ShardTrainDataset(SlotDataset):
     `draw_probabilities` (one per shard, `shards.draw_probabilities`)."""
 
     def __init__(self, shards: Sequence[str], *args: Any, data_size: int | None = None,
-                 shuffle_buffer: int = 1000, draw_probabilities: np.ndarray | None = None, **kwargs: Any) -> None:
+                 shuffle_buffer: int = 1000, draw_probabilities: np.ndarray | None = None,
+                 captions_per_line: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shards, self.data_size, self.shuffle_buffer = list(shards), data_size, shuffle_buffer
+        self.captions_per_line = captions_per_line
         self.probabilities = draw_probabilities
         self.resampled = draw_probabilities is not None
         self._found_usable = False  # a resampled slot's proof that some drawable shard has a usable sample
@@ -256,7 +258,7 @@ class ShardTrainDataset(SlotDataset):
         items = self._raw_pass(slot, num_slots, pass_index, skips)
         unit = "draw" if self.resampled else "pass"
         fast_forward(items, offset, skips, f"{unit} {pass_index} of worker slot {slot}")
-        return (decode_sample(item, self.data_size, skips) for item in items)
+        return (decode_sample(item, self.data_size, skips, self.captions_per_line) for item in items)
 
     def hopeless(self) -> bool:
         """A resampled slot can draw a damaged shard many times in a row by chance: it gives up only when
@@ -270,7 +272,7 @@ class ShardTrainDataset(SlotDataset):
     def _any_usable_sample(self) -> bool:
         skips = SkipLog()
         with skips.muted():  # the draws log and count their skips themselves
-            return any(decode_sample(raw, self.data_size, skips) is not None
+            return any(decode_sample(raw, self.data_size, skips, self.captions_per_line) is not None
                        for url, probability in zip(self.shards, self.probabilities) if probability > 0
                        for raw in read_shard(url, skips))
 
@@ -292,9 +294,11 @@ class ShardValDataset(IterableDataset):
     samples among them fail to decode), at most `limit` per slot."""
 
     def __init__(self, shards: Sequence[str], preprocess: Preprocess, tokenizer: Tokenizer, batch_size: int,
-                 data_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None) -> None:
+                 data_size: int | None = None, rank: int = 0, world_size: int = 1, limit: int | None = None,
+                 captions_per_line: bool = False) -> None:
         super().__init__()
         self.shards, self.preprocess, self.tokenizer = list(shards)[:limit], preprocess, tokenizer
+        self.captions_per_line = captions_per_line
         self.batch_size, self.data_size, self.rank, self.world_size = batch_size, data_size, rank, world_size
         self.limit = limit
 
@@ -303,7 +307,8 @@ class ShardValDataset(IterableDataset):
         number = {url: j for j, url in enumerate(self.shards)}
         for url, part, parts in slot_assignment(self.shards, slot, num_slots):
             for position, raw in enumerate(itertools.islice(read_shard(url, skips), self.limit)):
-                sample = decode_sample(raw, self.data_size, skips) if position % parts == part else None
+                sample = (decode_sample(raw, self.data_size, skips, self.captions_per_line)
+                          if position % parts == part else None)
                 if sample is not None:
                     yield number[url] * VAL_ORDER_STRIDE + position, sample
 
@@ -485,13 +490,15 @@ def build_train_loader(
     pin_memory: bool = False,
     dataset_resampled: bool = False,
     train_data_upsampling_factors: str | Sequence[float] | None = None,
+    captions_per_line: bool = False,
 ) -> TrainLoader:
     """The training loader of one rank: ceil(num_samples / (batch_size * world_size)) batches per epoch.
 
     `data_size` given: every sample must carry a key in [0, data_size) (the per-sample state index).
     `dataset_resampled`: every worker slot draws shards with replacement (module docstring), weighted by
     `train_data_upsampling_factors` ('f1::f2::...' or numbers), one factor per '::'-joined source of
-    `shards`, which need `dataset_resampled` as in open_clip.
+    `shards`, which need `dataset_resampled` as in open_clip. `captions_per_line`: each line of a .txt is a
+    caption of the image (`samples` module docstring).
     """
     if num_samples < 1 or workers < 0 or (data_size is not None and data_size < 1):
         raise ValueError(f"need num_samples >= 1, workers >= 0, data_size >= 1; got {num_samples=}, "
@@ -502,7 +509,7 @@ def build_train_loader(
     dataset = ShardTrainDataset(
         [url for source in sources for url in source], preprocess, tokenizer, batch_size, seed=seed, epoch=epoch,
         rank=rank, world_size=world_size, data_size=data_size, shuffle_buffer=shuffle_buffer,
-        draw_probabilities=probabilities,
+        draw_probabilities=probabilities, captions_per_line=captions_per_line,
     )
     return TrainLoader(dataset, batches_per_epoch(num_samples, batch_size, world_size), workers, pin_memory)
 
@@ -518,12 +525,13 @@ def build_val_loader(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    captions_per_line: bool = False,
 ) -> DataLoader:
     """This rank's share of the validation samples, unshuffled (the last batch of each worker may be
     short); all ranks together yield every sample once, and sorting by 'order' restores shard order.
     `limit` reads only what the first `limit` pairs can come from (`ShardValDataset`)."""
     dataset = ShardValDataset(expand_shards(shards), preprocess, tokenizer, batch_size, data_size=data_size,
-                              rank=rank, world_size=world_size, limit=limit)
+                              rank=rank, world_size=world_size, limit=limit, captions_per_line=captions_per_line)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
 

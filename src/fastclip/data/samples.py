@@ -3,8 +3,9 @@
 Index. A sample's index is int(json["key"]) (img2dataset writes it); with `data_size` given it must
 lie in [0, data_size), the per-sample state's index range.
 
-Captions. A sample may hold several captions of its image (MS-COCO, Flickr30k, re-captioned web data):
-one per line of its .txt, or a list under "captions" in its .json. Training draws one per visit, from the
+Captions. A sample may hold several captions of its image (MS-COCO, Flickr30k, re-captioned web data): a
+list under "captions" in its .json, or, where the data set says so (`captions_per_line`), one per line of
+its .txt (otherwise a .txt is one caption, line breaks included, as web alt-text can have them). Training draws one per visit, from the
 batch's seeded generators (as the augmentations are, so an exact resume draws the same ones); the sample
 keeps its one index, so FastCLIP keeps one u per image, whichever caption a visit brings.
 
@@ -183,7 +184,8 @@ def sample_index(raw: dict[str, Any], data_size: int | None) -> int:
     return index
 
 
-def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) -> Sample | None:
+def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog,
+                  captions_per_line: bool = False) -> Sample | None:
     """Image, caption and index of a raw sample, or None (a recorded skip) when it cannot be used."""
     shard, key = raw["__url__"], raw["__key__"]
     extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -193,7 +195,8 @@ def decode_sample(raw: dict[str, Any], data_size: int | None, skips: SkipLog) ->
         return None
     index = sample_index(raw, data_size)
     try:
-        captions = listed or split_captions(raw["txt"].decode("utf-8"))
+        text = "" if listed else raw["txt"].decode("utf-8")
+        captions = listed or (split_captions(text) if captions_per_line else (text,))
         with Image.open(io.BytesIO(raw[extension])) as image:
             rgb = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:

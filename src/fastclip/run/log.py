@@ -68,13 +68,14 @@ def board_tag(key: str) -> str:
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """The wandb run id kept in the run folder (travels with it, --remote-sync included); made once, of the
-    lower-case letters and digits wandb's own ids use."""
+def wandb_run_id(run_dir: Path, resume: bool) -> str:
+    """The wandb run id kept in the run folder (--remote-sync copies it and fetches it back with the
+    checkpoints): a resumed run continues the recorded one; a new run records a new one (of the lower-case
+    letters and digits wandb's own ids use)."""
     path = run_dir / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
+    if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    run_id = secrets.token_hex(4)
+    run_id = secrets.token_hex(8)
     path.write_text(run_id + "\n")
     return run_id
 
@@ -84,7 +85,7 @@ class MetricsSink:
     installed (open_clip's `train/...` tags)."""
 
     def __init__(self, run_dir: Path, report_to: list[str], config: dict, enabled: bool,
-                 wandb_project: str = "open-clip", wandb_notes: str = "") -> None:
+                 wandb_project: str = "open-clip", wandb_notes: str = "", resume: bool = False) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
@@ -101,7 +102,7 @@ class MetricsSink:
             self.wandb = _require("wandb", "wandb")
             # one wandb run per run folder: a requeued job or --resume latest continues it (resume="allow")
             self.wandb.init(project=wandb_project, notes=wandb_notes, name=run_dir.name, config=config,
-                            dir=str(run_dir), id=wandb_run_id(run_dir),
+                            dir=str(run_dir), id=wandb_run_id(run_dir, resume),
                             resume="allow")
 
     def write(self, step: int, values: dict[str, float]) -> None:

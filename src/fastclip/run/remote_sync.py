@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..checkpoint import files, sharded
 from .lock import RunLock
+from .log import WANDB_ID_FILE
 
 logger = logging.getLogger("fastclip")
 PROTOCOLS = ("s3", "fsspec")
@@ -41,6 +42,8 @@ TEMPORARIES = (f"*{files.TMP_MARK}*", "*.tmp")
 COPY_CHUNK = 16 * 2**20
 AWS_MISSING = ("--remote-sync-protocol s3 runs the aws command, which is not on PATH: install awscli "
                "(pip install awscli) or use --remote-sync-protocol fsspec")
+
+RUN_FILES = (WANDB_ID_FILE,)  # small files of the run folder a resumed run reads, fetched with the checkpoints
 
 
 class RemoteSyncError(RuntimeError):
@@ -445,11 +448,30 @@ def fetch_checkpoints(remote_run_dir: str, local_run_dir: Path, protocol: str) -
         remote = store.listing(CHECKPOINTS)
         names = sorted(name for name in remote
                        if "/" not in name and (files.EPOCH_FILE.match(name) or name == files.LATEST))
-        return [name for name in names if _fetch_one(store, name, remote, folder)]
+        fetched = [name for name in names if _fetch_one(store, name, remote, folder)]
+        if fetched:
+            _fetch_run_files(store, Path(local_run_dir))
+        return fetched
     except RemoteSyncError:
         raise
     except Exception as error:
         raise RemoteSyncError(f"fetching checkpoints from {remote_run_dir}: {one_line(error)}") from error
+
+
+def _fetch_run_files(store: Store, run_dir: Path) -> None:
+    """The run folder's small files that a resumed run reads (the wandb run id), where the remote has them."""
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.exists():
+            continue
+        partial = files.unique_tmp(target)
+        try:
+            store.get_file(name, partial)
+            os.replace(partial, target)
+        except Exception as error:  # absent remotely (each store says so its own way): nothing to bring back
+            logger.info("--remote-sync: %s not fetched (%s)", name, one_line(error))
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def _fetch_one(store: Store, name: str, remote: dict[str, RemoteFile], folder: Path) -> bool:
