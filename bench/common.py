@@ -356,3 +356,10 @@ def demo_shards(limit: int | None = 10_000, samples_per_shard: int = 2500):
 
     folder = OUT_DIR / "data" / f"fashion-mnist-{limit or 'all'}-{samples_per_shard}"
     return build_demo(folder, samples_per_shard=samples_per_shard, limit=limit)
+
+
+def runs_line(results: Sequence, minutes: float) -> str:
+    """A report's line on the training its tables stand on (results with `seconds`)."""
+    training = sum(r.seconds for r in results) / 60
+    return (f"- {len(results)} runs, {training:.1f} min of training and evaluation in all (this invocation: "
+            f"{minutes:.1f} min; finished runs are reused).")

@@ -44,6 +44,7 @@ from common import (
     plot_band,
     read_jsonl,
     reuse_or_train,
+    runs_line,
     write_report,
 )
 
@@ -291,10 +292,8 @@ def report(results: list[Result], scale: Scale, data: dict[str, DemoData], optim
            figures: dict[str, Path], minutes: float, name: str) -> Path:
     summary = summarize(results)
     figure_lines = "\n".join(f"![{d}]({os.path.relpath(p, ROOT / 'docs')})" for d, p in figures.items())  # as seen from docs/benchmarks.md
-    training_minutes = sum(r.seconds for r in results) / 60
     body = (
-        f"{setup_lines(scale, data, optim, threads)}\n- {len(results)} runs, {training_minutes:.1f} min of "
-        f"training and evaluation in all (this invocation: {minutes:.1f} min; finished runs are reused).\n\n"
+        f"{setup_lines(scale, data, optim, threads)}\n{runs_line(results, minutes)}\n\n"
         f"Final zero-shot top-1 (%), mean ± std over seeds:\n\n{accuracy_table(summary)}\n\n"
         f"Final temperature tau (mean over seeds):\n\n{temperature_table(summary)}\n\n{figure_lines}\n"
     )

@@ -49,6 +49,7 @@ from common import (
     read_jsonl,
     reuse_or_train,
     run_command,
+    runs_line,
     write_report,
 )
 from convergence import VERSIONS, Optim, difference
@@ -238,10 +239,8 @@ def setup_lines(scale: Scale, data: FontsData, optim: Optim) -> str:
 def report(results: list[Result], scale: Scale, data: FontsData, optim: Optim, figure: Path, minutes: float,
            name: str) -> Path:
     summary = summarize(results)
-    training_minutes = sum(r.seconds for r in results) / 60
     body = (
-        f"{setup_lines(scale, data, optim)}\n- {len(results)} runs, {training_minutes:.1f} min of training and "
-        f"evaluation in all (this invocation: {minutes:.1f} min; finished runs are reused).\n\n"
+        f"{setup_lines(scale, data, optim)}\n{runs_line(results, minutes)}\n\n"
         f"Final retrieval recall on the test split (%), mean ± std over seeds:\n\n{recall_table(summary)}\n\n"
         f"FastCLIP-v3 − OpenCLIP (pp ± s.e. over seeds):\n\n{difference_table(summary)}\n\n"
         f"![fonts recall]({os.path.relpath(figure, ROOT / 'docs')})\n"  # as seen from docs/benchmarks.md

@@ -16,7 +16,7 @@ from fastclip.data.loader import build_val_loader
 from fastclip.datasets.demo import DemoData, build_demo
 from fastclip.distributed import comm
 from fastclip.evaluate import (
-    embed_pairs,
+    embed_set,
     image_to_text_ranks,
     rank_metrics,
     retrieval_eval,
@@ -49,7 +49,8 @@ def evaluate_share(demo: DemoData) -> dict:
         return build_val_loader(demo.train_shards, bundle.preprocess_val, bundle.tokenizer, BATCH, rank=rank,
                                 world_size=world)
 
-    images, texts = embed_pairs(bundle.model, loader())
+    embedded = embed_set(bundle.model, loader())
+    images, texts = embedded.images, embedded.texts
     return {
         "orders": torch.cat([batch["order"] for batch in loader()]),
         "image_features": images,
@@ -125,12 +126,13 @@ def test_a_limited_loader_reads_only_what_the_first_pairs_need_and_gives_the_sam
 
     limit = 4  # of 3 shards x 15 samples
     read = [order for batch in loader(limit) for order in batch["order"].tolist()]
-    full = embed_pairs(bundle.model, loader(), num_samples=limit)
-    limited = embed_pairs(bundle.model, loader(limit), num_samples=limit)
+    full = embed_set(bundle.model, loader(), num_samples=limit)
+    limited = embed_set(bundle.model, loader(limit), num_samples=limit)
 
     assert read == list(range(limit))  # one worker slot: the first 4 samples of shard 0, nothing more
-    for whole, part in zip(full, limited):
-        torch.testing.assert_close(part, whole, rtol=0, atol=1e-6)
+    for name in ("images", "texts", "captions"):
+        torch.testing.assert_close(getattr(limited, name), getattr(full, name), rtol=0, atol=1e-6)
+    assert torch.equal(limited.owner, full.owner)
 
 
 def read_jsonl(path: Path) -> list[dict]:

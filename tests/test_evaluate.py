@@ -32,7 +32,7 @@ from fastclip.evaluate import (
     REFERENCE_TAU,
     append_results,
     class_prompts,
-    embed_pairs,
+    embed_set,
     global_contrastive_loss,
     is_imagenet_folder,
     load_image_folder,
@@ -289,7 +289,8 @@ def test_retrieval_reports_the_global_loss_at_the_model_and_the_reference_temper
     table = F.normalize(torch.randn(12, 4, generator=generator), dim=1)
     model = TableTextModel(table=table, logit_scale=1 / 0.05)  # the scale itself: tau 0.05
     metrics = retrieval_eval(model, _retrieval_batches(table, [5, 7]), batch_size=4)
-    images, texts = embed_pairs(model, _retrieval_batches(table, [12]))
+    embedded = embed_set(model, _retrieval_batches(table, [12]))
+    images, texts = embedded.images, embedded.texts
     assert metrics["global_val_loss"] == pytest.approx(brute_force_global_loss(images, texts, 0.05), rel=1e-5)
     assert metrics["global_val_loss_ref"] == pytest.approx(brute_force_global_loss(images, texts, REFERENCE_TAU),
                                                            rel=1e-5)
@@ -312,7 +313,7 @@ def test_batches_in_any_order_are_evaluated_in_set_order_and_cut_to_num_samples(
     in_order = retrieval_eval(model, batches, batch_size=4)
     shuffled = retrieval_eval(model, [batches[2], batches[0], batches[1]], batch_size=4)
     first = retrieval_eval(model, batches, batch_size=4, num_samples=8)
-    images, _ = embed_pairs(model, reversed(batches), num_samples=8)
+    images = embed_set(model, reversed(batches), num_samples=8).images
 
     assert shuffled == in_order
     assert torch.equal(images, F.normalize(scores[:8], dim=-1))

@@ -180,7 +180,7 @@ def retrieval_eval(
     hit when any of the image's captions is in the top k of all captions, text->image counts every caption
     as a query of its image; the losses use each image's first caption.
 
-    `loader` yields this rank's share of the set (`embed_pairs`); `num_samples` keeps the first pairs.
+    `loader` yields this rank's share of the set (`embed_set`); `num_samples` keeps the first pairs.
     The ranks split the query rows between them.
     """
     model = unwrap(model)
@@ -212,19 +212,6 @@ class EmbeddedSet:
     texts: torch.Tensor
     captions: torch.Tensor
     owner: torch.Tensor
-
-
-def embed_pairs(
-    model: torch.nn.Module,
-    loader: Iterable[Mapping[str, torch.Tensor]],
-    device: torch.device | str = "cpu",
-    *,
-    precision: Precision | str = "fp32",
-    num_samples: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image features and each image's first caption's features of `embed_set`."""
-    embedded = embed_set(model, loader, device, precision=precision, num_samples=num_samples)
-    return embedded.images, embedded.texts
 
 
 def embed_set(
