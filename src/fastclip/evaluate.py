@@ -284,6 +284,13 @@ def _joined(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else empty
 
 
+def _score_blocks(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, cosine scores of queries[start : start + chunk] against every key), a block at a time, so that
+    memory stays O(chunk * keys) however large the set."""
+    for start in range(0, len(queries), chunk):
+        yield start, queries[start : start + chunk] @ keys.T
+
+
 def _split_ranks(ranks: Callable[..., torch.Tensor], queries: torch.Tensor, keys: torch.Tensor,
                  owner: torch.Tensor) -> torch.Tensor:
     """`ranks` of every query; each rank scores a block of the query rows."""
@@ -297,8 +304,7 @@ def image_to_text_ranks(images: torch.Tensor, captions: torch.Tensor, owner: tor
     c's image): the other images' captions scoring at least as high, ties against the match, so a collapsed
     model scores no recall (nor do NaN features: their rank is the number of captions)."""
     ranks = torch.empty(len(images), dtype=torch.int64, device=images.device)
-    for start in range(0, len(images), chunk):
-        scores = images[start : start + chunk] @ captions.T
+    for start, scores in _score_blocks(images, captions, chunk):
         rows = torch.arange(len(scores), device=scores.device) + first + start
         own = owner.unsqueeze(0) == rows.unsqueeze(1)
         best = scores.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
@@ -312,8 +318,7 @@ def text_to_image_ranks(captions: torch.Tensor, images: torch.Tensor, owner: tor
     """0-based rank of caption `first + c`'s own image (`owner[first + c]`) among all images, ties against
     the match (NaN features: the number of images); every caption is a query."""
     ranks = torch.empty(len(captions), dtype=torch.int64, device=captions.device)
-    for start in range(0, len(captions), chunk):
-        scores = captions[start : start + chunk] @ images.T
+    for start, scores in _score_blocks(captions, images, chunk):
         rows = torch.arange(len(scores), device=scores.device)
         matched = scores[rows, owner[first + start : first + start + len(scores)]].unsqueeze(1)
         counted = (scores >= matched).sum(dim=1) - 1
@@ -346,8 +351,8 @@ def log_mean_exp_negatives(queries: torch.Tensor, keys: torch.Tensor, tau: float
     key is `first + i`: the log of FastCLIP's g_i over the whole set of n keys (what its estimator u tracks),
     in row chunks so memory stays O(chunk * n); a log-sum-exp, finite at any temperature."""
     out = torch.empty(len(queries), dtype=torch.float32, device=queries.device)
-    for start in range(0, len(queries), chunk):
-        scores = (queries[start : start + chunk] @ keys.T).float()
+    for start, scores in _score_blocks(queries, keys, chunk):
+        scores = scores.float()
         rows = torch.arange(len(scores), device=scores.device)
         own = rows + first + start
         logits = (scores - scores[rows, own].unsqueeze(1)) / tau

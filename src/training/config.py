@@ -179,8 +179,7 @@ class Config:
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Config:
         """The parts from flat values named like the flags' dests (a resolved Namespace's `vars`)."""
-        return cls(**{part: kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values})
-                      for part, kind in PARTS.items()})
+        return cls(**{part: _filled(kind, values) for part, kind in PARTS.items()})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -193,7 +192,7 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A new Config with fields changed by dest; each change goes to the part that owns the field."""
-        unknown = set(changes) - set(self.flat())
+        unknown = set(changes).difference(*_FIELDS.values())
         if unknown:
             raise TypeError(f"no such configuration field: {', '.join(sorted(unknown))}")
         parts = {}
@@ -205,12 +204,16 @@ class Config:
     def select(self, kind: type[T]) -> T:
         """A library dataclass whose fields are named like the flags (e.g. FastCLIPConfig), filled from this
         config; a field the config lacks keeps the dataclass's default."""
-        values = self.flat()
-        return kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values})
+        return _filled(kind, self.flat())
 
     @property
     def trains(self) -> bool:
         return trains(self.data.dataset_type, self.optim.epochs)
+
+
+def _filled(kind: type[T], values: Mapping[str, Any]) -> T:
+    """A dataclass from the values its fields are named after; a field `values` lacks keeps its default."""
+    return kind(**{f.name: values[f.name] for f in dataclasses.fields(kind) if f.name in values})
 
 
 def trains(dataset_type: str, epochs: int) -> bool:

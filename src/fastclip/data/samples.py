@@ -5,9 +5,10 @@ lie in [0, data_size), the per-sample state's index range.
 
 Captions. A sample may hold several captions of its image (MS-COCO, Flickr30k, re-captioned web data): a
 list under "captions" in its .json, or, where the data set says so (`captions_per_line`), one per line of
-its .txt (otherwise a .txt is one caption, line breaks included, as web alt-text can have them). Training draws one per visit, from the
-batch's seeded generators (as the augmentations are, so an exact resume draws the same ones); the sample
-keeps its one index, so FastCLIP keeps one u per image, whichever caption a visit brings.
+its .txt (otherwise a .txt is one caption, line breaks included, as web alt-text can have them). Training
+draws one per visit, from the batch's seeded generators (as the augmentations are, so an exact resume draws
+the same ones); the sample keeps its one index, so FastCLIP keeps one u per image, whichever caption a visit
+brings.
 
 Bad input. Errors (`DataError`) where training would silently be wrong: with `data_size` given, a
 sample whose .json is missing, has no integer "key", or a key outside [0, data_size). Counted skips

@@ -42,7 +42,6 @@ TEMPLATES = (
     "{} on a black background.",
     "a picture of {}, a fashion item.",
 )
-SYSTEM_DIR = FASHION_MNIST_DIR
 BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -93,7 +92,7 @@ def download(directory: Path, base_url: str = BASE_URL, timeout_s: float = 30.0)
         os.replace(partial, directory / name)
 
 
-def find_fashion_mnist(source: Path | None = None, system_dir: Path = SYSTEM_DIR,
+def find_fashion_mnist(source: Path | None = None, system_dir: Path = FASHION_MNIST_DIR,
                        base_url: str = BASE_URL) -> Path:
     """The directory with the four .gz files: `source`, the Debian package's, or the cache (downloaded
     into on first use)."""

@@ -81,6 +81,18 @@ def apt_get() -> list[str] | None:
     return None
 
 
+def _them(packages: Sequence[Package]) -> str:
+    return "it" if len(packages) == 1 else "them"
+
+
+def not_installed(absent: Sequence[Package], use: str, reason: str = "") -> str:
+    """The one line for packages that are not there: why (`reason`, if any), what follows for `use`, and the
+    command that installs them."""
+    because = f" and {reason}" if reason else ""
+    return (f"{', '.join(p.name for p in absent)} not installed{because}: {WITHOUT[use]}; install {_them(absent)} "
+            f"with: {install_hint(absent)}")
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     return subprocess.run(command, capture_output=True, text=True, env=env)
@@ -93,11 +105,10 @@ def install(use: str, root: Path = Path("/")) -> str | None:
     if not absent:
         return None
     names = ", ".join(p.name for p in absent)
-    them = "it" if len(absent) == 1 else "them"
     command = apt_get()
     if command is None:
-        reason = "apt-get is not available" if shutil.which("apt-get") is None else f"installing {them} needs root"
-        return f"{names} not installed and {reason}: {WITHOUT[use]}; install {them} with: {install_hint(absent)}"
+        return not_installed(absent, use, "apt-get is not available" if shutil.which("apt-get") is None
+                             else f"installing {_them(absent)} needs root")
     print(f"data: installing {names} with apt-get", flush=True)
     for step in (["update", "-qq"], ["install", "-y", "-qq", *(p.name for p in absent)]):
         result = _run([*command, *step])
@@ -120,9 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.action == "check":
         absent = missing(NEEDS[args.use], args.root)
-        them = "it" if len(absent) == 1 else "them"
-        line = (f"{', '.join(p.name for p in absent)} not installed: {WITHOUT[args.use]}; install {them} with: "
-                f"{install_hint(absent)}") if absent else None
+        line = not_installed(absent, args.use) if absent else None
     else:
         line = install(args.use, args.root)
     if line:

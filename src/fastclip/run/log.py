@@ -73,8 +73,9 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
     checkpoints): a resumed run continues the recorded one; a new run records a new one (of the lower-case
     letters and digits wandb's own ids use)."""
     path = run_dir / WANDB_ID_FILE
-    if resume and path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    recorded = path.read_text().strip() if resume and path.is_file() else ""
+    if recorded:
+        return recorded
     run_id = secrets.token_hex(8)
     path.write_text(run_id + "\n")
     return run_id
