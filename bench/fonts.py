@@ -102,8 +102,10 @@ class Result:
 # -------------------------------------------------------------------------------------- training
 
 
-def run_argv(run: Run, data: FontsData, epochs: int, optim: Optim, logs: Path) -> list[str]:
-    """The training flags of one run: the version's loss flags on a schedule shared by all versions.
+def run_argv(run: Run, data: FontsData, epochs: int, optim: Optim, logs: Path,
+             loss_flags: Sequence[str] | None = None) -> list[str]:
+    """The training flags of one run: the version's loss flags (`loss_flags`, by default the README's for
+    `run.version`) on a schedule shared by all versions.
 
     `--logs-dir`, not `--logs`: torchrun would read the latter as its own `--logs-specs`."""
     steps = math.ceil(data.num_samples / (RANKS * run.batch)) * epochs
@@ -114,7 +116,7 @@ def run_argv(run: Run, data: FontsData, epochs: int, optim: Optim, logs: Path) -
         "--epochs", str(epochs), "--lr", str(optim.lr), "--wd", str(optim.wd),
         "--warmup", str(max(1, round(optim.warmup_fraction * steps))), "--seed", str(run.seed),
         "--gamma", str(optim.gamma), "--gamma_schedule", "cosine", "--gamma_decay_epochs", str(max(1, epochs // 2)),
-        *VERSIONS[run.version],
+        *(VERSIONS[run.version] if loss_flags is None else loss_flags),
         "--logs-dir", str(logs), "--name", run.name, "--save-frequency", "0", "--log-every-n-steps", "100",
     ]
 

@@ -66,6 +66,16 @@ def test_accumulated_step_has_the_large_batch_gradient(loss_flags):
     assert_same_gradients(step_gradients(loss_flags, ACCUM, inputs), step_gradients(loss_flags, 1, inputs))
 
 
+def test_openclip_fixed_temperature_trains_the_same_loss_without_the_scale():
+    """`--temperature_scheme global_constant` on OpenCLIP freezes the logit scale and nothing else: the other
+    gradients are the learnable-temperature run's, bit for bit up to float rounding."""
+    inputs = make_inputs(world=1)
+    learnt = step_gradients([], 1, inputs)
+    fixed = step_gradients(["--temperature_scheme", "global_constant"], 1, inputs)
+    assert "logit_scale" in learnt and "logit_scale" not in fixed
+    assert_same_gradients(fixed, {name: grad for name, grad in learnt.items() if name != "logit_scale"})
+
+
 def _ranks_gradients(loss_flags: list[str], inputs: dict, out: str) -> None:
     accumulated = step_gradients(loss_flags, ACCUM, inputs)
     whole = step_gradients(loss_flags, 1, inputs)

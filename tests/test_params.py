@@ -104,8 +104,8 @@ def test_webdataset_needs_num_samples():
 @pytest.mark.parametrize("extra, message", [
     (["--multiply_tau"], "--multiply_tau selects FastCLIP-v3's loss: add --fastclip"),
     (["--multiply_tau", "--temperature_scheme", "global_constant"], "add --fastclip"),
-    (["--temperature_scheme", "individual_learnable"], "is a FastCLIP temperature: add --fastclip"),
-    (["--temperature_scheme", "global_constant"], "is a FastCLIP temperature: add --fastclip"),
+    (["--temperature_scheme", "individual_learnable"], "is FastCLIP-v2's per-sample temperature: add --fastclip"),
+    (["--siglip", "--temperature_scheme", "global_constant"], "--siglip learns its logit scale"),
 ])
 def test_fastclip_flags_without_fastclip_are_refused(extra, message):
     """Without --fastclip these flags would silently train OpenCLIP."""

@@ -99,7 +99,8 @@ def build_objective(config: Config, env: DistEnv) -> Objective:
     if objective.siglip:
         return SigLIPObjective(env.rank, env.world_size, objective.loss_dist_impl)
     if not objective.fastclip:
-        return OpenCLIPObjective(objective.local_loss, objective.gather_with_grad, env.rank, env.world_size)
+        return OpenCLIPObjective(objective.local_loss, objective.gather_with_grad, env.rank, env.world_size,
+                                 learn_temperature=objective.temperature_scheme == "global_learnable")
     return FastCLIPObjective(config.select(FastCLIPConfig), env.device)  # its fields are named like the flags
 
 

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="--siglip: how ranks exchange features (open_clip's SigLipLoss dist_impl; default bidir)")
     p.add("--temperature_scheme", choices=TEMPERATURE_SCHEMES, default="global_learnable",
           help="FastCLIP temperature: global_learnable (v0; v3 with --multiply_tau), global_constant (v1), "
-               "individual_learnable (v2: one learnable tau per sample)")
+               "individual_learnable (v2: one learnable tau per sample); OpenCLIP takes global_constant too "
+               "(tau fixed at --temperature, as FastCLIP-v1's)")
     p.add("--multiply_tau", action="store_true",
           help="FastCLIP-v3's RGCL-g loss (with --fastclip --temperature_scheme global_learnable)")
     p.add("--gamma", type=float, default=0.2,
@@ -376,9 +377,11 @@ def _validate_fastclip_only(args: argparse.Namespace) -> None:
     """FastCLIP's flags do nothing in an OpenCLIP run: name the missing --fastclip instead of ignoring them."""
     if args.multiply_tau:
         _fail("--multiply_tau selects FastCLIP-v3's loss: add --fastclip (without it the run trains OpenCLIP)")
-    if args.temperature_scheme != "global_learnable":
-        _fail(f"--temperature_scheme {args.temperature_scheme} is a FastCLIP temperature: add --fastclip "
-              "(OpenCLIP learns one global temperature)")
+    if args.temperature_scheme == "individual_learnable":
+        _fail("--temperature_scheme individual_learnable is FastCLIP-v2's per-sample temperature: add --fastclip "
+              "(OpenCLIP learns one global temperature, or keeps it fixed with global_constant)")
+    if args.siglip and args.temperature_scheme != "global_learnable":
+        _fail("--siglip learns its logit scale with its bias: drop --temperature_scheme")
 
 
 def _validate_options(args: argparse.Namespace) -> None:

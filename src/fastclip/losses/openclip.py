@@ -9,13 +9,17 @@ from ..distributed import comm
 
 
 class OpenCLIPObjective:
-    """Mini-batch contrastive loss over the gathered batch (`--local-loss --gather-with-grad`)."""
+    """Mini-batch contrastive loss over the gathered batch (`--local-loss --gather-with-grad`).
 
-    learns_model_temperature = True
+    `learn_temperature=False` keeps the model's logit scale where it was initialised (`--temperature_scheme
+    global_constant`): the baseline that differs from FastCLIP-v1 in u alone."""
+
     per_sample = None
     per_sample_columns: list[str] = []
 
-    def __init__(self, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int) -> None:
+    def __init__(self, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int,
+                 learn_temperature: bool = True) -> None:
+        self.learns_model_temperature = learn_temperature
         self.loss = open_clip.ClipLoss(
             local_loss=local_loss,
             gather_with_grad=gather_with_grad,
