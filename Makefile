@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install demo test test-fast bench bench-quick bench-fonts gpu-wheels clean
+.PHONY: install demo test test-fast bench bench-quick bench-fonts bench-long gpu-wheels clean
 
 install: $(STAMP)
 
@@ -51,6 +51,14 @@ bench-fonts: install
 	$(PY) -m fastclip.datasets.packages install fonts
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/fonts.py
+
+# 30 visits per pair at 2x16 and 2x32 (bench/long.py, ~50 min on 2 cores): its section of docs/benchmarks.md, its
+# figure and the README's table; `$(PY) bench/run_all.py --only long_study` runs the one-setting-at-a-time study after it
+bench-long: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m fastclip.datasets.packages install fonts
+	$(PY) -m fastclip.datasets.fonts --check
+	$(PY) bench/run_all.py --only long
 
 # wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
 gpu-wheels:

@@ -107,7 +107,8 @@ def read_curve(run: Run, run_dir: Path, seconds: float) -> Curve:
 
 
 def train(run: Run, argv: list[str], logs: Path) -> Curve:
-    run_dir = logs / run.name
+    """The run of `argv` (trained, or reused when finished with the same flags), in `logs/<its --name>`."""
+    run_dir = logs / argv[argv.index("--name") + 1]
     seconds = reuse_or_train(run_dir, ["torchrun", f"--nproc_per_node={RANKS}", *argv], lambda: torchrun(argv))
     return read_curve(run, run_dir, seconds)
 
@@ -273,6 +274,19 @@ def setup_lines(scale: Scale, data: FontsData) -> str:
     ])
 
 
+README_BLOCK = ("<!-- bench/long.py: begin -->", "<!-- bench/long.py: end -->")
+
+
+def publish_in_readme(groups: dict[tuple[int, str], Group], times: list[dict], figure: Path, readme: Path) -> None:
+    """Replace the README's block between README_BLOCK's markers with the final table, the differences and
+    the figure."""
+    text = readme.read_text()
+    begin, end = (text.index(marker) for marker in README_BLOCK)
+    block = (f"{README_BLOCK[0]}\n{final_table(groups)}\n\n{time_table(times)}\n\n"
+             f"![long-horizon curves]({figure.relative_to(ROOT).as_posix()})\n")
+    readme.write_text(text[:begin] + block + text[end:])
+
+
 def report(curves: list[Curve], scale: Scale, data: FontsData, figure: Path, minutes: float, name: str) -> Path:
     groups = group(curves)
     times = time_to_accuracy(groups)
@@ -303,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     figure = (OUT_DIR / name if quick else ROOT / "docs" / "img") / "long_curves.png"  # quick leaves docs alone
     plot(group(curves), scale, figure)
     path = report(curves, scale, data, figure, (time.perf_counter() - started) / 60, name)
+    if not quick:
+        publish_in_readme(group(curves), time_to_accuracy(group(curves)), figure, ROOT / "README.md")
     print(path.read_text())
     return path
 

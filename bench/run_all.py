@@ -30,6 +30,8 @@ TITLES = {
     "convergence": "Convergence at small batch",
     "fonts": "Unique captions",
     "fonts_study": "Unique captions, 4 epochs at 2x16",
+    "long": "Many visits per pair",
+    "long_study": "What it takes",
     "threads": "CPU threads per rank",
 }
 BENCHMARKS = tuple(TITLES)

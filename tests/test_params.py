@@ -159,6 +159,7 @@ def test_every_minimum_and_positive_names_a_flag():
     (SYNTHETIC + ["--zeroshot-classnames", "names.txt"], "add --imagenet-val DIR"),
     (["--dataset-type", "synthetic"], "--dataset-type synthetic needs --train-num-samples"),
     (["--dataset-type", "webdataset", "--train-num-samples", "10"], "add --train-data SHARDS"),
+    (SYNTHETIC + ["--train-eval-num-samples", "32"], "--train-eval-num-samples evaluates the first pairs"),
 ])
 def test_a_run_that_would_do_nothing_says_what_is_needed(argv, message):
     with pytest.raises(SystemExit) as err:

@@ -25,7 +25,7 @@ def openclip_run(demo_data, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     argv = scaled(SEED_COMMANDS["openclip"], **tiny_run(demo_data, logs, "openclip"),
                   imagenet_val=demo_data.test_dir, zeroshot_frequency=1, val_data=demo_data.train_shards,
-                  val_num_samples=1000)
+                  val_num_samples=1000, train_eval_num_samples=1000)
     metrics = main(argv)
     return logs / "openclip", metrics
 
@@ -39,6 +39,11 @@ def test_openclip_run_checkpoints_logs_and_evaluates(openclip_run):
     assert results[-1]["zeroshot-num-images"] == 1200 and results[-1]["zeroshot-num-classes"] == 10
     assert results[-1]["num_samples"] == 1000  # --val-data retrieval over the first --val-num-samples pairs
     assert 0 <= results[-1]["image_to_text_R@1"] <= results[-1]["image_to_text_R@10"] <= 1
+    # --train-eval-num-samples reads the first training pairs as --val-data would: here the same shards
+    for result in results:
+        held_out = {k: v for k, v in result.items() if f"train_subset_{k}" in result}
+        assert len(held_out) > 10 and "global_val_loss_ref" in held_out
+        assert {k: result[f"train_subset_{k}"] for k in held_out} == held_out
     params = json.loads((run_dir / "params.json").read_text())
     assert params["gather_with_grad"] and params["batch_size"] == 32
     log = (run_dir / "out.log").read_text()

@@ -44,6 +44,7 @@ class EvalConfig:
     val_data: str | None
     val_num_samples: int | None
     val_frequency: int
+    train_eval_num_samples: int  # 0: the training subset is not evaluated
 
 
 @dataclass(frozen=True)

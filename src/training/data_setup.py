@@ -33,6 +33,7 @@ logger = logging.getLogger("fastclip")
 class DataBundle:
     train: TrainLoader | None  # set_epoch(e), then iterate: exactly len() batches on every rank
     val: Callable[[], Iterable[dict]] | None  # a fresh pass over this rank's share of the retrieval set
+    train_subset: Callable[[], Iterable[dict]] | None = None  # the same over the first training pairs
 
 
 def build_data(config: Config, env: DistEnv, bundle: ModelBundle, csv_table: CsvTable | None = None) -> DataBundle:
@@ -63,19 +64,30 @@ def build_data(config: Config, env: DistEnv, bundle: ModelBundle, csv_table: Csv
         size = unwrap(bundle.model).visual.image_size
         train = build_synthetic_loader(data.train_num_samples, image_size=size if isinstance(size, int) else size[0],
                                        **common)
-    if not evaluation.val_data:
-        return DataBundle(train, None)
-    val_table = read_csv(data, evaluation.val_data) if data.dataset_type == "csv" else None
+    val = evaluation_set(config, env, bundle, evaluation.val_data, evaluation.val_num_samples)
+    train_subset = evaluation_set(config, env, bundle, data.train_data, evaluation.train_eval_num_samples or None,
+                                  csv_table) if evaluation.train_eval_num_samples else None
+    return DataBundle(train, val, train_subset)
 
-    def val() -> Iterable[dict]:
-        shared = dict(workers=data.workers, pin_memory=pin, rank=env.rank, world_size=env.world_size,
-                      limit=evaluation.val_num_samples)
-        if val_table is not None:
-            return build_csv_val_loader(val_table, bundle.preprocess_val, bundle.tokenizer, data.batch_size, **shared)
-        return build_val_loader(evaluation.val_data, bundle.preprocess_val, bundle.tokenizer, data.batch_size,
+
+def evaluation_set(config: Config, env: DistEnv, bundle: ModelBundle, source: str | None, limit: int | None,
+                   csv_table: CsvTable | None = None) -> Callable[[], Iterable[dict]] | None:
+    """Fresh passes over this rank's share of the first `limit` pairs (all: None) of `source`, shards or a CSV,
+    unshuffled and with the validation preprocessing; None without a source."""
+    if not source:
+        return None
+    data = config.data
+    table = (csv_table or read_csv(data, source)) if data.dataset_type == "csv" else None
+    pin = env.device.type == "cuda"
+
+    def passes() -> Iterable[dict]:
+        shared = dict(workers=data.workers, pin_memory=pin, rank=env.rank, world_size=env.world_size, limit=limit)
+        if table is not None:
+            return build_csv_val_loader(table, bundle.preprocess_val, bundle.tokenizer, data.batch_size, **shared)
+        return build_val_loader(source, bundle.preprocess_val, bundle.tokenizer, data.batch_size,
                                 captions_per_line=data.captions_per_line, **shared)
 
-    return DataBundle(train, val)
+    return passes
 
 
 def read_csv(data: DataConfig, path: str) -> CsvTable:

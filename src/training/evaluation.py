@@ -39,7 +39,7 @@ def run_evaluations(
     metrics: dict = {}
     plan, batch_size = config.eval, config.data.batch_size
     due_zeroshot = plan.imagenet_val and (final or (plan.zeroshot_frequency and epoch % plan.zeroshot_frequency == 0))
-    due_val = data.val is not None and (final or (plan.val_frequency and epoch % plan.val_frequency == 0))
+    due_retrieval = final or (plan.val_frequency and epoch % plan.val_frequency == 0)
     bare = unwrap(model)
     if due_zeroshot:
         metrics.update(evaluate.zero_shot_eval(
@@ -47,9 +47,13 @@ def run_evaluations(
             batch_size=batch_size, workers=config.data.workers, precision=precision,
             classnames_file=plan.zeroshot_classnames,
         ))
-    if due_val:
+    if data.val is not None and due_retrieval:
         metrics.update(evaluate.retrieval_eval(bare, data.val(), env.device, batch_size=batch_size,
                                                precision=precision, num_samples=plan.val_num_samples))
+    if data.train_subset is not None and due_retrieval:
+        subset = evaluate.retrieval_eval(bare, data.train_subset(), env.device, batch_size=batch_size,
+                                         precision=precision, num_samples=plan.train_eval_num_samples)
+        metrics.update({f"train_subset_{key}": value for key, value in subset.items()})
     if metrics and env.is_master:
         record = {"name": config.run.name, "model": config.model.model,
                   "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()), "epoch": epoch,

@@ -31,7 +31,8 @@ DEFAULT_TEMPERATURE = 0.07
 MINIMUM = {
     "batch_size": (1, ""), "workers": (0, " (0: load in the training process)"), "epochs": (0, " (0: evaluate only)"),
     "stop_epochs": (1, ""), "warmup": (0, " (0: no warmup)"), "train_num_samples": (1, ""),
-    "val_num_samples": (1, ""), "data_size": (1, ""), "epochs_cooldown": (1, ""), "gamma_decay_epochs": (1, ""),
+    "val_num_samples": (1, ""), "train_eval_num_samples": (0, " (0: off)"), "data_size": (1, ""),
+    "epochs_cooldown": (1, ""), "gamma_decay_epochs": (1, ""),
     "wd": (0, ""), "lr_cooldown_end": (0, ""), "rho": (0, ""), "seed": (0, ""), "save_frequency": (0, " (0: never)"),
     "save_every_n_steps": (0, " (0: off)"), "save_every_minutes": (0, " (0: off)"), "max_bad_steps": (1, ""),
     "zeroshot_frequency": (0, " (0: after the last epoch only)"),
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("--val-num-samples", type=int, default=None,
           help="evaluate retrieval on the first N pairs of --val-data in shard order, reading only the first N "
                "samples of each shard (default: all)")
+    p.add("--train-eval-num-samples", type=int, default=0,
+          help="also evaluate retrieval and the global contrastive loss on the first N pairs of --train-data "
+               "(validation preprocessing; metrics train_subset_*) whenever --val-frequency is due: how well "
+               "the objective is optimised, beside how it generalises (default 0: off)")
     p.add("--data_size", type=_count_or_auto, default=None,
           help="sample keys (the 'key' of each sample's .json) lie in [0, data_size): the number of rows of "
                "FastCLIP's per-sample state; required by --fastclip (a CSV's default: its rows); auto: the largest key "
@@ -361,6 +366,8 @@ def _validate_task(args: argparse.Namespace) -> None:
         _fail("--dataset-type synthetic needs --train-num-samples N (random pairs per epoch)")
     if args.zeroshot_classnames and not args.imagenet_val:
         _fail("--zeroshot-classnames names the classes of --imagenet-val: add --imagenet-val DIR")
+    if args.train_eval_num_samples and not (args.train_data and args.dataset_type in ("webdataset", "csv")):
+        _fail("--train-eval-num-samples evaluates the first pairs of --train-data: it needs webdataset shards or a CSV")
     if trains(args.dataset_type, args.epochs):
         return
     if not (args.imagenet_val or args.val_data):

@@ -264,9 +264,11 @@ PANELS = (
         Curve("image_to_text_R@10", "image→text R@10", "-", "^"),
         Curve("text_to_image_R@10", "text→image R@10", "--", "^"),
     ), percent=True),
-    Panel("global contrastive loss (held-out pairs)", "mean log g over all pairs", (
-        Curve("global_val_loss", "at the model's τ", "-", "o"),
-        Curve("global_val_loss_ref", "at the reference τ", "--", "s"),
+    Panel("global contrastive loss", "mean log g over all pairs", (
+        Curve("global_val_loss", "held-out, at the model's τ", "-", "o"),
+        Curve("global_val_loss_ref", "held-out, at the reference τ", "--", "s"),
+        Curve("train_subset_global_val_loss", "training subset, at the model's τ", "-", "^"),
+        Curve("train_subset_global_val_loss_ref", "training subset, at the reference τ", "--", "v"),
     )),
 )
 X_LABELS = {"step": "step (optimizer steps)", "epoch": "epoch (passes over --train-num-samples)"}

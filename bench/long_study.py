@@ -1,0 +1,126 @@
+"""What it takes: bench/long.py's 30-visit setting, one setting changed at a time, one seed.
+
+Every variant trains bench/long.py's data, model and schedule at global batch 2x16, seed 0, and
+changes one flag (appended, so argparse keeps it):
+- the same learning-rate search for both losses (lr 5e-4 and 2e-3 besides 1e-3), and the initial
+  temperature 0.03 for both;
+- FastCLIP-v3's own settings: the gamma floor (`--gamma` 0.1, 0.5), how fast gamma reaches it
+  (`--gamma_decay_epochs` 5 instead of 15), the DRO radius `--rho` (5 and 8 around log(2,000) = 7.6),
+  and `--lr_tau` 2e-3 (10x: the paper's 2e-4 was set for ~100k-step runs);
+- the batch: OpenCLIP and FastCLIP-v3 at 2x64 and 2x128 (2x16 and 2x32 come from bench/long.py).
+The baselines (both losses at 2x16 and 2x32, seed 0) are bench/long.py's runs, reused from its folder
+when it ran first. The report gives each variant's final held-out values, its difference to its
+version's baseline, and the steps to reach OpenCLIP's final R@10 at the same batch (baseline flags).
+
+    python bench/long_study.py            # 16 runs besides bench/long.py's, ~35 min on 2 cores
+    python bench/long_study.py --quick    # smoke test on bench/long.py's quick data
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from common import OUT_DIR, markdown_table, write_report
+from fonts import RANKS, Run, load_data
+from long import FULL, QUICK, Curve, Scale, long_argv, steps_to_reach, train
+
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    version: str
+    extra: tuple[str, ...] = ()
+    batch: int = 16
+
+    def run(self) -> Run:
+        return Run(self.batch, self.version, SEED)
+
+    @property
+    def slug(self) -> str:
+        return "-".join(part.lstrip("-") for part in self.extra)
+
+
+VARIANTS = (
+    Variant("OpenCLIP", "OpenCLIP"),
+    Variant("OpenCLIP, lr 5e-4", "OpenCLIP", ("--lr", "5e-4")),
+    Variant("OpenCLIP, lr 2e-3", "OpenCLIP", ("--lr", "2e-3")),
+    Variant("OpenCLIP, temperature 0.03", "OpenCLIP", ("--temperature", "0.03")),
+    Variant("FastCLIP-v3", "FastCLIP-v3"),
+    Variant("FastCLIP-v3, lr 5e-4", "FastCLIP-v3", ("--lr", "5e-4")),
+    Variant("FastCLIP-v3, lr 2e-3", "FastCLIP-v3", ("--lr", "2e-3")),
+    Variant("FastCLIP-v3, temperature 0.03", "FastCLIP-v3", ("--temperature", "0.03")),
+    Variant("FastCLIP-v3, gamma 0.1", "FastCLIP-v3", ("--gamma", "0.1")),
+    Variant("FastCLIP-v3, gamma 0.5", "FastCLIP-v3", ("--gamma", "0.5")),
+    Variant("FastCLIP-v3, gamma_decay_epochs 5", "FastCLIP-v3", ("--gamma_decay_epochs", "5")),
+    Variant("FastCLIP-v3, rho 5", "FastCLIP-v3", ("--rho", "5.0")),
+    Variant("FastCLIP-v3, rho 8", "FastCLIP-v3", ("--rho", "8.0")),
+    Variant("FastCLIP-v3, lr_tau 2e-3", "FastCLIP-v3", ("--lr_tau", "2e-3")),
+    *(Variant(f"{version}, {RANKS}x{batch}", version, batch=batch)
+      for batch in (32, 64, 128) for version in ("OpenCLIP", "FastCLIP-v3")),
+)
+
+
+def run_variant(variant: Variant, data, scale: Scale, logs) -> Curve:
+    """A baseline (no extra flag) is bench/long.py's own run; a variant gets its own folder."""
+    run = variant.run()
+    argv = long_argv(run, data, scale, logs, variant.extra)
+    if variant.extra:
+        argv[argv.index("--name") + 1] = f"study-{variant.slug}-{run.name}"
+    return train(run, argv, logs)
+
+
+def study_table(variants: Sequence[Variant], curves: dict[Variant, Curve]) -> str:
+    base = {(v.version, v.batch): curves[v] for v in variants if not v.extra}
+    rows = []
+    for variant in variants:
+        curve = curves[variant]
+        own, openclip = base[variant.version, variant.batch], base["OpenCLIP", variant.batch]
+        final = {m: curve.values[m][-1] for m in ("R@1", "R@10", "GCL")}
+        target = openclip.values["R@10"][-1]
+        reached = steps_to_reach(curve.steps, curve.values["R@10"], target)
+        delta = ("" if not variant.extra else
+                 f"{100 * (final['R@1'] - own.values['R@1'][-1]):+.2f} / "
+                 f"{100 * (final['R@10'] - own.values['R@10'][-1]):+.2f} / {final['GCL'] - own.values['GCL'][-1]:+.4f}")
+        rows.append([variant.label, f"{RANKS}x{variant.batch}", f"{100 * final['R@1']:.2f}", f"{100 * final['R@10']:.2f}",
+                     f"{final['GCL']:.4f}", f"{curve.final_tau:.4f}", delta,
+                     "not reached" if reached is None else f"{reached / curve.steps[-1]:.2f}"])
+    return markdown_table(["setting", "batch", "R@1 (%)", "R@10 (%)", "GCL @0.07", "final tau",
+                           "Δ vs its baseline (R@1 / R@10 / GCL)", "steps to OpenCLIP's final R@10"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: bench/long.py's quick data, 4 variants")
+    quick = parser.parse_args(argv).quick
+    scale, name, variants = ((QUICK, "long_study-quick", VARIANTS[:2] + VARIANTS[4:6]) if quick
+                             else (FULL, "long_study", VARIANTS))
+    started = time.perf_counter()
+    data = load_data(scale)
+    logs = OUT_DIR / ("long-quick" if quick else "long") / "logs"  # bench/long.py's, so its runs are reused
+    curves: dict[Variant, Curve] = {}
+    for index, variant in enumerate(variants):
+        curves[variant] = curve = run_variant(variant, data, scale, logs)
+        print(f"[{index + 1}/{len(variants)}] {variant.label} ({RANKS}x{variant.batch}): R@10 "
+              f"{100 * curve.values['R@10'][-1]:.2f} %, GCL {curve.values['GCL'][-1]:.4f}, {curve.seconds:.0f} s",
+              flush=True)
+    body = (
+        f"bench/long.py's data, model and schedule ({scale.epochs} epochs), seed {SEED}, one setting changed at a "
+        f"time; final held-out values (R@1 and R@10: the mean of both directions; GCL: the held-out global loss at "
+        f"tau 0.07, lower is better). The last column is the fraction of the run a variant needs to reach "
+        f"OpenCLIP's final R@10 at its batch (OpenCLIP's flags, seed {SEED}).\n\n"
+        f"{study_table(variants, curves)}\n\n"
+        f"({(time.perf_counter() - started) / 60:.1f} min in this invocation; finished runs are reused.)"
+    )
+    raw = {"runs": [{"label": v.label, "batch": v.batch, "extra": v.extra, "steps": c.steps, "values": c.values,
+                     "final_tau": c.final_tau, "seconds": c.seconds} for v, c in curves.items()]}
+    path = write_report(name, f"What it takes: one setting at a time over {scale.epochs} epochs", body, raw)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
