@@ -57,7 +57,8 @@ LOSSES: dict[str, list[str]] = {
 # which OpenCLIP run each FastCLIP version is measured against
 REFERENCE = {"FastCLIP-v1": "OpenCLIP-fixed-tau", "FastCLIP-v3": "OpenCLIP"}
 # what a run reports after each evaluation: the mean of both retrieval directions, and the global loss
-METRICS = {"R@1": "held-out R@1 (%)", "R@10": "held-out R@10 (%)", "GCL": "held-out global loss @0.07"}
+METRICS = {"R@1": "held-out R@1 (%)", "R@10": "held-out R@10 (%)", "GCL": "held-out global loss @0.07",
+           "train GCL": "training-subset global loss @0.07"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def long_argv(run: Run, data: FontsData, scale: Scale, logs: Path, extra: Sequen
     """bench/fonts.py's flags for the run, with the frozen embeddings, the evaluation cadence and `extra`
     appended (argparse keeps the last value of a flag)."""
     return [*run_argv(run, data, scale.epochs, OPTIM, logs, LOSSES[run.version]), *MODEL_FLAGS,
-            "--val-frequency", str(scale.eval_every), *extra]
+            "--val-frequency", str(scale.eval_every), "--train-eval-num-samples", str(scale.test_pairs), *extra]
 
 
 def read_curve(run: Run, run_dir: Path, seconds: float) -> Curve:
@@ -101,6 +102,7 @@ def read_curve(run: Run, run_dir: Path, seconds: float) -> Curve:
         "R@1": [(r["image_to_text_R@1"] + r["text_to_image_R@1"]) / 2 for r in rows],
         "R@10": [(r["image_to_text_R@10"] + r["text_to_image_R@10"]) / 2 for r in rows],
         "GCL": [r["global_val_loss_ref"] for r in rows],
+        "train GCL": [r["train_subset_global_val_loss_ref"] for r in rows],
     }
     logit_scale = read_jsonl(run_dir / "metrics.jsonl")[-1]["logit_scale"]  # logged as 1 / tau
     return Curve(run, [r["step"] for r in rows], values, 1 / logit_scale, seconds)
@@ -182,7 +184,7 @@ def final_table(groups: dict[tuple[int, str], Group]) -> str:
     for (batch, version), g in groups.items():
         tau_mean, tau_std = mean_std([c.final_tau for c in g.curves])
         rows.append([f"{RANKS}x{batch}", version, str(len(g.curves)),
-                     *(cell(*g.final(m), percent=m != "GCL") for m in METRICS), f"{tau_mean:.4f}"])
+                     *(cell(*g.final(m), percent="GCL" not in m) for m in METRICS), f"{tau_mean:.4f}"])
     return markdown_table(["global batch", "version", "seeds", *METRICS.values(), "final tau"], rows)
 
 
@@ -191,7 +193,7 @@ def difference_cells(a: Group, b: Group) -> list[str]:
     cells = []
     for metric in METRICS:
         (mean_a, error_a), (mean_b, error_b) = a.final(metric), b.final(metric)
-        scale, digits = (100, 2) if metric != "GCL" else (1, 4)
+        scale, digits = (100, 2) if "GCL" not in metric else (1, 4)
         cells.append(f"{scale * (mean_a - mean_b):+.{digits}f} ± {scale * math.hypot(error_a, error_b):.{digits}f}")
     return cells
 
@@ -224,13 +226,14 @@ def time_table(rows: list[dict]) -> str:
 
 
 def plot(groups: dict[tuple[int, str], Group], scale: Scale, path: Path) -> None:
-    """Held-out R@10 (top) and global loss (bottom) by step, mean over seeds with a +-std band, a column per batch."""
+    """Held-out R@10, held-out and training-subset global loss by step (rows), mean over seeds with a +-std
+    band, a column per batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ("R@10", "GCL")
+    rows = ("R@10", "GCL", "train GCL")
     fig, axes = plt.subplots(len(rows), len(scale.batches), figsize=(5.2 * len(scale.batches), 3.6 * len(rows)),
                              squeeze=False)
     for column, batch in enumerate(scale.batches):
@@ -242,7 +245,7 @@ def plot(groups: dict[tuple[int, str], Group], scale: Scale, path: Path) -> None
                     continue
                 stats = [mean_std(values) for values in zip(*(c.values[metric] for c in g.curves))]
                 means = [m for m, _ in stats]
-                scale_by = 100 if metric != "GCL" else 1
+                scale_by = 100 if "GCL" not in metric else 1
                 style = "--" if "fixed" in version or version == "FastCLIP-v1" else "-"
                 (line,) = ax.plot(g.steps, [scale_by * m for m in means], style, label=version, lw=1.4)
                 ax.fill_between(g.steps, [scale_by * (m - s) for m, s in stats], [scale_by * (m + s) for m, s in stats],
@@ -287,13 +290,12 @@ def publish_in_readme(groups: dict[tuple[int, str], Group], times: list[dict], f
     readme.write_text(text[:begin] + block + text[end:])
 
 
-def report(curves: list[Curve], scale: Scale, data: FontsData, figure: Path, minutes: float, name: str) -> Path:
-    groups = group(curves)
-    times = time_to_accuracy(groups)
+def report(curves: list[Curve], groups: dict[tuple[int, str], Group], times: list[dict], scale: Scale,
+           data: FontsData, figure: Path, minutes: float, name: str) -> Path:
     body = (
         f"{setup_lines(scale, data)}\n{runs_line(curves, minutes)}\n\n"
-        f"Final held-out values, mean ± s.e. over seeds (GCL: the global contrastive loss of the held-out pairs "
-        f"at tau 0.07, lower is better):\n\n{final_table(groups)}\n\n"
+        f"Final values, mean ± s.e. over seeds (global loss: the global contrastive loss of the held-out pairs, "
+        f"and of the first {data.test_samples} training pairs, at tau 0.07; lower is better):\n\n{final_table(groups)}\n\n"
         f"FastCLIP minus its OpenCLIP reference (± s.e.), and the time to accuracy: the step at which FastCLIP's "
         f"mean R@10 first reaches the reference's final mean R@10:\n\n{time_table(times)}\n\n"
         f"![long-horizon curves]({os.path.relpath(figure, ROOT / 'docs')})\n"
@@ -315,10 +317,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     data = load_data(scale)
     curves = run_all(scale, data, OUT_DIR / name / "logs")
     figure = (OUT_DIR / name if quick else ROOT / "docs" / "img") / "long_curves.png"  # quick leaves docs alone
-    plot(group(curves), scale, figure)
-    path = report(curves, scale, data, figure, (time.perf_counter() - started) / 60, name)
+    groups = group(curves)
+    times = time_to_accuracy(groups)
+    plot(groups, scale, figure)
+    path = report(curves, groups, times, scale, data, figure, (time.perf_counter() - started) / 60, name)
     if not quick:
-        publish_in_readme(group(curves), time_to_accuracy(group(curves)), figure, ROOT / "README.md")
+        publish_in_readme(groups, times, figure, ROOT / "README.md")
     print(path.read_text())
     return path
 
