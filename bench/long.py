@@ -32,6 +32,7 @@ continues where it stopped; bench/long_study.py shares the folder and reuses the
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -104,8 +105,16 @@ def read_curve(run: Run, run_dir: Path, seconds: float) -> Curve:
         "GCL": [r["global_val_loss_ref"] for r in rows],
         "train GCL": [r["train_subset_global_val_loss_ref"] for r in rows],
     }
-    logit_scale = read_jsonl(run_dir / "metrics.jsonl")[-1]["logit_scale"]  # logged as 1 / tau
-    return Curve(run, [r["step"] for r in rows], values, 1 / logit_scale, seconds)
+    return Curve(run, [r["step"] for r in rows], values, final_tau(run_dir), seconds)
+
+
+def final_tau(run_dir: Path) -> float:
+    """The last logged temperature: the model's (logged as logit_scale = 1 / tau) where it learns it, else the
+    objective's (`tau`), else the fixed --temperature of params.json."""
+    last = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    if "logit_scale" in last:
+        return 1 / last["logit_scale"]
+    return last.get("tau", json.loads((run_dir / "params.json").read_text())["temperature"])
 
 
 def train(run: Run, argv: list[str], logs: Path) -> Curve:
