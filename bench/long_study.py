@@ -7,12 +7,16 @@ changes one flag (appended, so argparse keeps it):
 - FastCLIP-v3's own settings: the gamma floor (`--gamma` 0.1, 0.5), how fast gamma reaches it
   (`--gamma_decay_epochs` 5 instead of 15), the DRO radius `--rho` (5 and 8 around log(2,000) = 7.6),
   and `--lr_tau` 2e-3 (10x: the paper's 2e-4 was set for ~100k-step runs);
+- the estimator itself: FastCLIP-v1 and v3 with a constant gamma of 1, so that u_i is the current
+  mini-batch's g_i and the gradient is that of the mini-batch loss log g_i(B) (v1: the same fixed
+  tau as OpenCLIP-fixed-tau; the two then differ only in the positive pair's term in the softmax's
+  denominator), and the eps of g / (eps + u) at 1e-3 instead of 1e-14;
 - the batch: OpenCLIP and FastCLIP-v3 at 2x64 and 2x128 (2x16 and 2x32 come from bench/long.py).
 The baselines (both losses at 2x16 and 2x32, seed 0) are bench/long.py's runs, reused from its folder
 when it ran first. The report gives each variant's final held-out values, its difference to its
 version's baseline, and the steps to reach OpenCLIP's final R@10 at the same batch (baseline flags).
 
-    python bench/long_study.py            # 16 runs besides bench/long.py's, ~35 min on 2 cores
+    python bench/long_study.py            # 19 runs besides bench/long.py's, ~45 min on 2 cores
     python bench/long_study.py --quick    # smoke test on bench/long.py's quick data
 """
 
@@ -28,6 +32,7 @@ from fonts import RANKS, Run, load_data
 from long import FULL, QUICK, Curve, Scale, long_argv, steps_to_reach, train
 
 SEED = 0
+MINI_BATCH_U = ("--gamma", "1.0", "--gamma_schedule", "constant")  # u_i <- g_i(B) at every visit
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ VARIANTS = (
     Variant("FastCLIP-v3, rho 5", "FastCLIP-v3", ("--rho", "5.0")),
     Variant("FastCLIP-v3, rho 8", "FastCLIP-v3", ("--rho", "8.0")),
     Variant("FastCLIP-v3, lr_tau 2e-3", "FastCLIP-v3", ("--lr_tau", "2e-3")),
+    Variant("FastCLIP-v3, fastclip_eps 1e-3", "FastCLIP-v3", ("--fastclip_eps", "1e-3")),
+    Variant("FastCLIP-v3, gamma 1 (u = the mini-batch's g)", "FastCLIP-v3", MINI_BATCH_U),
+    Variant("OpenCLIP-fixed-tau", "OpenCLIP-fixed-tau"),
+    Variant("FastCLIP-v1", "FastCLIP-v1"),
+    Variant("FastCLIP-v1, gamma 1 (u = the mini-batch's g)", "FastCLIP-v1", MINI_BATCH_U),
     *(Variant(f"{version}, {RANKS}x{batch}", version, batch=batch)
       for batch in (32, 64, 128) for version in ("OpenCLIP", "FastCLIP-v3")),
 )
