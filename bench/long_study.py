@@ -12,7 +12,8 @@ changes one flag (appended, so argparse keeps it):
   tau as OpenCLIP-fixed-tau; the two then differ only in the positive pair's term in the softmax's
   denominator), and the eps of g / (eps + u) at 1e-3 instead of 1e-14;
 - the batch: OpenCLIP and FastCLIP-v3 at 2x64 and 2x128 (2x16 and 2x32 come from bench/long.py).
-The baselines (both losses at 2x16 and 2x32, seed 0) are bench/long.py's runs, reused from its folder
+The baselines (OpenCLIP and FastCLIP-v3 at 2x16 and 2x32, OpenCLIP-fixed-tau and FastCLIP-v1 at
+2x16, seed 0) are bench/long.py's runs, reused from its folder
 when it ran first. The report gives each variant's final held-out values, its difference to its
 version's baseline, and the steps to reach OpenCLIP's final R@10 at the same batch (baseline flags).
 
