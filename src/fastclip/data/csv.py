@@ -6,9 +6,9 @@ separated by `--csv-separator` (default a tab). As in open_clip_train, a path is
 relative path starts in the working directory of the training process, not in the CSV's folder.
 
 Index. A pair's index is its row number 0..rows-1 (the header does not count), so the per-sample
-state needs data_size >= rows. Only the two columns are kept, as UTF-8 bytes in one buffer per column:
-no Python object per row, so DataLoader workers forked from the process share the pages. Images are
-read when their row comes up, never held.
+state needs data_size >= rows. Only the two columns are kept, as UTF-8 bytes in one buffer per column,
+in shared memory: no Python object per row, and the DataLoader workers map the same pages (a pickled
+shared tensor is a file descriptor). Images are read when their row comes up, never held.
 
 Bad input. A CSV that cannot be read, or lacks one of the two columns, is a `DataError` naming the
 file, the missing key, the columns it has and the flag that fixes it. A row whose image file is
@@ -24,25 +24,29 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from .samples import DataError, Sample, SkipLog, error_text, to_rgb
 
 
 class StringColumn:
-    """Strings in one UTF-8 buffer with offsets: memory close to the text itself, shared by forked workers."""
+    """Strings in one UTF-8 buffer with offsets: memory close to the text itself, shared with the workers."""
 
     def __init__(self, values: Iterable[str]) -> None:
         encoded = [value.encode() for value in values]
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(value) for value in encoded], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(value) for value in encoded], out=offsets[1:])
+        buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        self.offsets = torch.from_numpy(offsets).share_memory_()
+        self.buffer = torch.from_numpy(buffer).share_memory_()
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, row: int) -> str:
-        return self.buffer[self.offsets[row]:self.offsets[row + 1]].tobytes().decode()
+        start, end = self.offsets[row:row + 2].tolist()
+        return self.buffer[start:end].numpy().tobytes().decode()
 
 
 class CsvTable:
