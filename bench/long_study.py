@@ -16,8 +16,10 @@ The baselines (OpenCLIP and FastCLIP-v3 at 2x16 and 2x32, OpenCLIP-fixed-tau and
 2x16, seed 0) are bench/long.py's runs, reused from its folder
 when it ran first. The report gives each variant's final held-out values, its difference to its
 version's baseline, and the steps to reach OpenCLIP's final R@10 at the same batch (baseline flags).
+Then the memory of u (gamma 0.5 and 1 beside the default 0.2, v1 and v3) over bench/long.py's three
+seeds, against the baselines' three seeds from bench/long.py.
 
-    python bench/long_study.py            # 19 runs besides bench/long.py's, ~45 min on 2 cores
+    python bench/long_study.py            # 25 runs besides bench/long.py's, ~55 min on 2 cores
     python bench/long_study.py --quick    # smoke test on bench/long.py's quick data
 """
 
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from common import OUT_DIR, markdown_table, write_report
 from fonts import RANKS, Run, load_data
-from long import FULL, QUICK, Curve, Scale, long_argv, steps_to_reach, train
+from long import (FULL, QUICK, REFERENCE, Curve, Group, Scale, cell, difference_cells, long_argv, steps_to_reach,
+                  train)
 
 SEED = 0
 MINI_BATCH_U = ("--gamma", "1.0", "--gamma_schedule", "constant")  # u_i <- g_i(B) at every visit
@@ -42,9 +45,10 @@ class Variant:
     version: str
     extra: tuple[str, ...] = ()
     batch: int = 16
+    seed: int = SEED
 
     def run(self) -> Run:
-        return Run(self.batch, self.version, SEED)
+        return Run(self.batch, self.version, self.seed)
 
     @property
     def slug(self) -> str:
@@ -76,6 +80,10 @@ VARIANTS = (
 )
 
 
+# u's memory, the setting whose one-seed effect exceeded a seed's spread, rerun over bench/long.py's seeds
+MEMORY = tuple(v for v in VARIANTS if v.batch == 16 and (not v.extra or v.extra in (MINI_BATCH_U, ("--gamma", "0.5"))))
+
+
 def run_variant(variant: Variant, data, scale: Scale, logs) -> Curve:
     """A baseline (no extra flag) is bench/long.py's own run; a variant gets its own folder."""
     run = variant.run()
@@ -104,6 +112,23 @@ def study_table(variants: Sequence[Variant], curves: dict[Variant, Curve]) -> st
                            "Δ vs its baseline (R@1 / R@10 / GCL)", "steps to OpenCLIP's final R@10"], rows)
 
 
+def memory_table(groups: dict[Variant, Group]) -> str:
+    """Each memory variant over seeds, and its difference to its version's default and to the version's
+    OpenCLIP reference (± the standard error of a difference of two means)."""
+    default = {v.version: groups[v] for v in groups if not v.extra}
+    rows = []
+    for variant, g in groups.items():
+        reference = default.get(REFERENCE.get(variant.version, ""))
+        to_default = difference_cells(g, default[variant.version]) if variant.extra else ["", "", "", ""]
+        to_reference = difference_cells(g, reference) if reference is not None else ["", "", "", ""]
+        rows.append([variant.label, str(len(g.curves)),
+                     *(cell(*g.final(metric), percent="GCL" not in metric) for metric in ("R@1", "R@10", "train GCL")),
+                     to_default[1], to_reference[1], to_reference[3]])
+    return markdown_table(["setting (2x16)", "seeds", "R@1 (%)", "R@10 (%)", "train GCL @0.07",
+                           "Δ R@10 vs the version's default", "Δ R@10 vs its OpenCLIP reference",
+                           "Δ train GCL vs its OpenCLIP reference"], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: bench/long.py's quick data, 4 variants")
@@ -119,14 +144,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{index + 1}/{len(variants)}] {variant.label} ({RANKS}x{variant.batch}): R@10 "
               f"{100 * curve.values['R@10'][-1]:.2f} %, GCL {curve.values['GCL'][-1]:.4f}, {curve.seconds:.0f} s",
               flush=True)
+    memory: dict[Variant, Group] = {}
+    for variant in (v for v in MEMORY if v in curves):
+        seeds = [curves[variant]] + [run_variant(replace(variant, seed=seed), data, scale, logs)
+                                     for seed in scale.seeds if seed != SEED]
+        memory[variant] = Group(variant.batch, variant.version, seeds)
+        print(f"[memory] {variant.label}: R@10 {cell(*memory[variant].final('R@10'), percent=True)} %", flush=True)
     body = (
         f"bench/long.py's data, model and schedule ({scale.epochs} epochs), seed {SEED}, one setting changed at a "
         f"time; final held-out values (R@1 and R@10: the mean of both directions; GCL: the global loss of the "
-        f"held-out pairs, train GCL: of the first {scale.test_pairs} training pairs, at tau 0.07, lower is better). The last column is the fraction of the run a variant needs to reach "
-        f"OpenCLIP's final R@10 at its batch (OpenCLIP's flags, seed {SEED}).\n\n"
-        f"{study_table(variants, curves)}\n\n"
-        f"({(time.perf_counter() - started) / 60:.1f} min in this invocation; finished runs are reused.)"
+        f"held-out pairs, train GCL: of the first {scale.test_pairs} training pairs, at tau 0.07, lower is "
+        f"better). The last column is the fraction of the run a variant needs to reach OpenCLIP's final R@10 at "
+        f"its batch (OpenCLIP's flags, seed {SEED}).\n\n{study_table(variants, curves)}\n\n"
     )
+    if memory:
+        body += (f"The memory of u over seeds {', '.join(map(str, scale.seeds))} (gamma 0.2 is the default, 1 makes "
+                 f"u the mini-batch's g; v3's reference is OpenCLIP, v1's OpenCLIP-fixed-tau; mean ± s.e.):\n\n"
+                 f"{memory_table(memory)}\n\n")
+    body += f"({(time.perf_counter() - started) / 60:.1f} min in this invocation; finished runs are reused.)"
     raw = {"runs": [{"label": v.label, "batch": v.batch, "extra": v.extra, "steps": c.steps, "values": c.values,
                      "final_tau": c.final_tau, "seconds": c.seconds} for v, c in curves.items()]}
     path = write_report(name, f"What it takes: one setting at a time over {scale.epochs} epochs", body, raw)
