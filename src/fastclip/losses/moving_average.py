@@ -31,6 +31,17 @@ class Estimate(NamedTuple):
 
     fields: dict[str, torch.Tensor]  # new per-sample values, by field name
     shift: torch.Tensor  # log(u + eps) on the anchor's scale: weight of candidate j is exp(d_ij - shift_i)
+    log_g: torch.Tensor  # log of the mini-batch estimate g_i on the true scale
+
+
+def log_lag(log_u_before: torch.Tensor, log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of log(g_i / u_i) over the anchors whose u holds earlier visits, u_i as it was
+    before this step: exp(sum / count) is 1 while u keeps pace with the model, below 1 when the model
+    has lowered the pairs' g since u last averaged them (u is stale). Tensors, so a step never waits
+    for the host."""
+    seen = torch.isfinite(log_u_before) & (log_u_before >= LOG_BAD_U_BELOW)
+    ratio = torch.where(seen, log_g - log_u_before, torch.zeros_like(log_g))
+    return ratio.sum(), seen.sum()
 
 
 def _log(x: float) -> float:
@@ -53,7 +64,7 @@ class LogMovingAverage:
         bad = (log_u < LOG_BAD_U_BELOW) | ~torch.isfinite(log_u)
         moved = torch.logaddexp(log_u + _log(1.0 - gamma), log_g + _log(gamma))
         new = {"log_u": torch.where(bad, log_g, moved)}
-        return Estimate(new, self.shift(new, eps))
+        return Estimate(new, self.shift(new, eps), log_g)
 
     @staticmethod
     def shift(fields: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
@@ -84,7 +95,7 @@ class BoundedMovingAverage:
         bad = (u < BAD_U_BELOW) | ~torch.isfinite(u)
         moved = (1.0 - gamma) * u * torch.exp(bound - new_bound) + gamma * g
         new = {"u": torch.where(bad, g, moved), "bound": new_bound}
-        return Estimate(new, self.shift(new, eps))
+        return Estimate(new, self.shift(new, eps), torch.log(g) + new_bound)
 
     @staticmethod
     def shift(fields: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
