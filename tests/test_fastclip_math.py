@@ -166,24 +166,27 @@ def _true_log_u(obj) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_g_over_u_is_the_geometric_mean_lag_of_the_revisited_anchors(version):
-    """Step 2 (gamma 1, so u becomes g) revisits 5, 3, 7 of step 1: g_over_u is exp of the mean over them
-    and both sides of log(g / u before the step); first visits do not count."""
+def test_g_over_u_compares_the_revisited_anchors_g_with_their_u(version):
+    """Step 2 (gamma 1, so u becomes g) revisits 5, 3, 7 of step 1: g_over_u is the mean over them and
+    both sides of g / (u before the step), g_over_u_typical its geometric mean; first visits do not count."""
     obj = make_objective(version)
     run(obj, *features(0), 0.07, BATCH_1)
     assert "g_over_u" not in obj.log_values()  # nothing was visited before step 1
     before = _true_log_u(obj)
     run(obj, *features(1), 0.07, BATCH_2)
     revisited = [i for i in BATCH_2 if i in BATCH_1]
-    expected = math.exp((_true_log_u(obj)[revisited] - before[revisited]).mean().item())
-    assert obj.log_values()["g_over_u"] == pytest.approx(expected, rel=1e-9)
+    log_ratios = (_true_log_u(obj)[revisited] - before[revisited]).flatten().tolist()
+    values = obj.log_values()
+    assert values["g_over_u"] == pytest.approx(sum(map(math.exp, log_ratios)) / 6, rel=1e-9)
+    assert values["g_over_u_typical"] == pytest.approx(math.exp(sum(log_ratios) / 6), rel=1e-9)
+    assert values["g_over_u_typical"] < values["g_over_u"]  # AM-GM: the ratios differ
     if version == "v0":  # g itself, from the definition
         e1, e2 = features(1)
         log_g = [math.log(sum(math.exp(((a[k] * b[j]).sum() - (a[k] * b[k]).sum()).item() / 0.07)
                               for j in range(6) if j != k) / 5)
                  for k in (BATCH_2.index(i) for i in revisited) for a, b in ((e1, e2), (e2, e1))]
-        expected_g = math.exp(sum(log_g) / len(log_g) - before[revisited].mean().item())
-        assert obj.log_values()["g_over_u"] == pytest.approx(expected_g, rel=1e-9)
+        expected = math.exp(sum(log_g) / 6 - before[revisited].mean().item())
+        assert values["g_over_u_typical"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_config_rejects_multiply_tau_without_a_learnable_global_tau():

@@ -26,7 +26,7 @@ import torch
 from ..distributed import comm
 from ..rules import check_multiply_tau
 from ..train.schedules import gamma_at_epoch
-from .moving_average import log_lag
+from .moving_average import Lag, lag
 from .state import ShardedState
 from . import functional as fn
 from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme, tau_summary
@@ -143,7 +143,7 @@ class FastCLIPObjective:
         per_column = [initial[field] for field in self.fields for _ in (1, 2)]
         self.state = ShardedState(config.data_size, per_column, device, dtype)
         self._last_tau: torch.Tensor | None = None
-        self._lag: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lag: Lag | None = None
         self.on_epoch_start(0)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -181,7 +181,7 @@ class FastCLIPObjective:
         mask = fn.exclusion_mask(b, m, start, 0, image.device)
         diffs = fn.pairwise_differences(torch.stack([image, text]), torch.stack([all_text, all_image]), positive, tau)
         estimate = self.average.update(old, diffs, mask, self.gamma, m, cfg.fastclip_eps)
-        self._lag = log_lag(self.average.log_u(old).detach(), estimate.log_g)
+        self._lag = lag(self.average.log_u(old).detach(), estimate.log_g)
         new = {**estimate.fields, **self.scheme.step(old, diffs, mask, estimate, m, self.epoch)}
         loss1 = fn.weighted_sum(diffs, estimate.shift, mask).sum(dim=0).mean() / (m - 1)
 
@@ -208,14 +208,12 @@ class FastCLIPObjective:
 
     def log_values(self) -> dict[str, float]:
         """gamma and the temperature of the last step: the model's tau, or for v2 the mean, min, median
-        and max of the global batch's per-sample taus and the share of them at the 0.01 floor; and
-        `g_over_u`, the geometric mean over the last step's local anchors visited before of their
-        mini-batch g over their u before the step: how far u lags the model (moving_average.log_lag)."""
+        and max of the global batch's per-sample taus and the share of them at the 0.01 floor; and how the
+        last step's local anchors that were visited before compare their mini-batch g with their u
+        (moving_average.Lag: `g_over_u`, `g_over_u_typical`)."""
         taus = torch.tensor(self.config.temperature) if self._last_tau is None else self._last_tau
         values = {"gamma": self.gamma, **tau_summary(taus)}
-        if self._lag is not None and int(self._lag[1]) > 0:
-            values["g_over_u"] = math.exp(float(self._lag[0]) / int(self._lag[1]))
-        return values
+        return values if self._lag is None else {**values, **self._lag.values()}
 
     @property
     def per_sample(self) -> ShardedState:

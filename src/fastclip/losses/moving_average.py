@@ -34,14 +34,29 @@ class Estimate(NamedTuple):
     log_g: torch.Tensor  # log of the mini-batch estimate g_i on the true scale
 
 
-def log_lag(log_u_before: torch.Tensor, log_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of log(g_i / u_i) over the anchors whose u holds earlier visits, u_i as it was
-    before this step: exp(sum / count) is 1 while u keeps pace with the model, below 1 when the model
-    has lowered the pairs' g since u last averaged them (u is stale). Tensors, so a step never waits
-    for the host."""
+class Lag(NamedTuple):
+    """How u compares with this step's mini-batch g over the anchors whose u holds earlier visits (u as
+    it was before the step), as sums so that a step never waits for the host."""
+
+    ratio_sum: torch.Tensor  # sum of g_i / u_i: its mean is 1 while u keeps pace (E[g(B)] = g)
+    log_ratio_sum: torch.Tensor  # sum of log(g_i / u_i): below the above when rare hard negatives carry g
+    count: torch.Tensor
+
+    def values(self) -> dict[str, float]:
+        """`g_over_u` (mean ratio: below 1 when the model has lowered g since u averaged it, i.e. u is
+        stale) and `g_over_u_typical` (geometric mean: the typical batch's weight scale, lower still when
+        most batches miss the few negatives that carry g); nothing before any pair is revisited."""
+        count = int(self.count)
+        if count == 0:
+            return {}
+        return {"g_over_u": float(self.ratio_sum) / count, "g_over_u_typical": math.exp(float(self.log_ratio_sum) / count)}
+
+
+def lag(log_u_before: torch.Tensor, log_g: torch.Tensor) -> Lag:
+    """The `Lag` of one step's anchors (log ratios clamped at +-80, so that a ratio stays finite)."""
     seen = torch.isfinite(log_u_before) & (log_u_before >= LOG_BAD_U_BELOW)
-    ratio = torch.where(seen, log_g - log_u_before, torch.zeros_like(log_g))
-    return ratio.sum(), seen.sum()
+    log_ratio = torch.where(seen, (log_g - log_u_before).clamp(-80.0, 80.0), torch.zeros_like(log_g))
+    return Lag(torch.where(seen, log_ratio.exp(), torch.zeros_like(log_g)).sum(), log_ratio.sum(), seen.sum())
 
 
 def _log(x: float) -> float:

@@ -254,7 +254,10 @@ PANELS = (
     Panel("temperature τ", "τ (logits = cosine / τ)", (Curve("tau"),), band=("tau_min", "tau_max")),
     Panel("learning rate (model)", "learning rate per step", (Curve("lr"),)),
     Panel("γ (FastCLIP: moving-average rate of u)", "γ", (Curve("gamma"),), held=True),
-    Panel("lag of u (FastCLIP)", "g / u of revisited pairs (1: u keeps pace)", (Curve("g_over_u"),), smoothed=True),
+    Panel("lag of u (FastCLIP)", "g / u of revisited pairs (1: u keeps pace)", (
+        Curve("g_over_u", "mean"),
+        Curve("g_over_u_typical", "geometric mean", "--"),
+    ), smoothed=True),
     Panel("zero-shot accuracy", "accuracy (%)", (
         Curve("imagenet-zeroshot-val-top1", "top-1", "-", "o"),
         Curve("imagenet-zeroshot-val-top5", "top-5", "--", "s"),
