@@ -17,20 +17,23 @@ The baselines (OpenCLIP and FastCLIP-v3 at 2x16 and 2x32, OpenCLIP-fixed-tau and
 when it ran first. The report gives each variant's final held-out values, its difference to its
 version's baseline, and the steps to reach OpenCLIP's final R@10 at the same batch (baseline flags).
 Then the memory of u (gamma 0.5 and 1 beside the default 0.2, v1 and v3) over bench/long.py's three
-seeds, against the baselines' three seeds from bench/long.py.
+seeds, against the baselines' three seeds from bench/long.py; and v3's three memories once more, seed 0,
+logging every 10 steps how the pairs' mini-batch g compares with their u (`g_over_u`).
 
-    python bench/long_study.py            # 25 runs besides bench/long.py's, ~55 min on 2 cores
+    python bench/long_study.py            # 28 runs besides bench/long.py's, ~65 min on 2 cores
     python bench/long_study.py --quick    # smoke test on bench/long.py's quick data
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
-from common import OUT_DIR, markdown_table, write_report
+from common import OUT_DIR, markdown_table, read_jsonl, write_report
 from fonts import RANKS, Run, load_data
 from long import (FULL, QUICK, REFERENCE, Curve, Group, Scale, cell, difference_cells, long_argv, steps_to_reach,
                   train)
@@ -84,13 +87,33 @@ VARIANTS = (
 MEMORY = tuple(v for v in VARIANTS if v.batch == 16 and (not v.extra or v.extra in (MINI_BATCH_U, ("--gamma", "0.5"))))
 
 
-def run_variant(variant: Variant, data, scale: Scale, logs) -> Curve:
+# u's lag, logged every 10 steps (the logging alone changes nothing in training)
+LAG_VARIANTS = tuple(replace(v, extra=v.extra + ("--log-every-n-steps", "10"))
+                     for v in MEMORY if v.version == "FastCLIP-v3")
+
+
+def variant_argv(variant: Variant, data, scale: Scale, logs: Path) -> list[str]:
     """A baseline (no extra flag) is bench/long.py's own run; a variant gets its own folder."""
-    run = variant.run()
-    argv = long_argv(run, data, scale, logs, variant.extra)
+    argv = long_argv(variant.run(), data, scale, logs, variant.extra)
     if variant.extra:
-        argv[argv.index("--name") + 1] = f"study-{variant.slug}-{run.name}"
-    return train(run, argv, logs)
+        argv[argv.index("--name") + 1] = f"study-{variant.slug}-{variant.run().name}"
+    return argv
+
+
+def run_variant(variant: Variant, data, scale: Scale, logs: Path) -> Curve:
+    return train(variant.run(), variant_argv(variant, data, scale, logs), logs)
+
+
+def lag_windows(run_dir: Path, epochs: int, key: str, windows: int = 3) -> list[float]:
+    """The logged `key` (g_over_u or g_over_u_typical) averaged over each third of the run's steps (the
+    typical one geometrically, as it is formed)."""
+    parts: list[list[float]] = [[] for _ in range(windows)]
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        if key in row:
+            parts[min(windows - 1, row["epoch"] * windows // epochs)].append(row[key])
+    if key == "g_over_u_typical":
+        return [math.exp(sum(map(math.log, p)) / len(p)) if p else math.nan for p in parts]
+    return [sum(p) / len(p) if p else math.nan for p in parts]
 
 
 def study_table(variants: Sequence[Variant], curves: dict[Variant, Curve]) -> str:
@@ -129,6 +152,15 @@ def memory_table(groups: dict[Variant, Group]) -> str:
                            "Δ train GCL vs its OpenCLIP reference"], rows)
 
 
+def lag_table(run_dirs: dict[Variant, Path], epochs: int) -> str:
+    third = epochs // 3
+    spans = [f"epochs {a}-{b - 1}" for a, b in ((0, third), (third, 2 * third), (2 * third, epochs))]
+    rows = [[variant.label, *(f"{mean:.3g} / {typical:.2f}" for mean, typical in
+                              zip(lag_windows(run_dir, epochs, "g_over_u"), lag_windows(run_dir, epochs, "g_over_u_typical")))]
+            for variant, run_dir in run_dirs.items()]
+    return markdown_table(["setting (2x16, seed 0)", *(f"g / u, {span}: mean / geometric" for span in spans)], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: bench/long.py's quick data, 4 variants")
@@ -150,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      for seed in scale.seeds if seed != SEED]
         memory[variant] = Group(variant.batch, variant.version, seeds)
         print(f"[memory] {variant.label}: R@10 {cell(*memory[variant].final('R@10'), percent=True)} %", flush=True)
+    lag_dirs: dict[Variant, Path] = {}
+    for variant in LAG_VARIANTS if memory else ():
+        run_variant(variant, data, scale, logs)
+        argv = variant_argv(variant, data, scale, logs)
+        lag_dirs[variant] = logs / argv[argv.index("--name") + 1]
     body = (
         f"bench/long.py's data, model and schedule ({scale.epochs} epochs), seed {SEED}, one setting changed at a "
         f"time; final held-out values (R@1 and R@10: the mean of both directions; GCL: the global loss of the "
@@ -160,7 +197,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if memory:
         body += (f"The memory of u over seeds {', '.join(map(str, scale.seeds))} (gamma 0.2 is the default, 1 makes "
                  f"u the mini-batch's g; v3's reference is OpenCLIP, v1's OpenCLIP-fixed-tau; mean ± s.e.):\n\n"
-                 f"{memory_table(memory)}\n\n")
+                 f"{memory_table(memory)}\n\n"
+                 f"How u compares with the model, seed {SEED}, logged every 10 steps: for each step's pairs seen "
+                 f"before, their mini-batch g over their u before the step, averaged over each third of the run: "
+                 f"the mean (`g_over_u`, 1 while u keeps pace, a mini-batch's g being unbiased; below 1 when the "
+                 f"model has lowered g since u averaged it) / the geometric mean (`g_over_u_typical`: a typical "
+                 f"batch's weight scale). With gamma 1, u is the previous visit's g, so both compare two "
+                 f"mini-batch estimates a visit apart:\n\n{lag_table(lag_dirs, scale.epochs)}\n\n")
     body += f"({(time.perf_counter() - started) / 60:.1f} min in this invocation; finished runs are reused.)"
     raw = {"runs": [{"label": v.label, "batch": v.batch, "extra": v.extra, "steps": c.steps, "values": c.values,
                      "final_tau": c.final_tau, "seconds": c.seconds} for v, c in curves.items()]}
