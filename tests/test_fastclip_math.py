@@ -14,7 +14,7 @@ import torch
 from dense_state import dense_table, load_dense
 from versions import VERSIONS
 
-from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, short_run_warnings
+from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, regime_warnings
 from fastclip.train.schedules import TauLrSchedule, gamma_at_epoch
 
 N, DIM = 12, 5
@@ -217,13 +217,25 @@ def test_tau_lr_step_thresh_follows_tau_at_every_step():
 
 def test_runs_too_short_for_u_or_the_temperature_are_warned_about():
     v3 = FastCLIPConfig(data_size=10, multiply_tau=True, lr_tau=2e-4, gamma_decay_epochs=1)
-    one_epoch = short_run_warnings(v3, epochs=1, total_steps=450)
+    one_epoch = regime_warnings(v3, epochs=1, total_steps=450)
     assert len(one_epoch) == 2 and one_epoch[0].startswith("--epochs 1: gamma is 1 in epoch 0")
     assert "--lr_tau 0.0002 x 450 steps = 0.09: the temperature can change by a factor of about 1.09" in one_epoch[1]
-    no_decay = short_run_warnings(FastCLIPConfig(data_size=10, gamma_decay_epochs=8), epochs=8, total_steps=100_000)
+    no_decay = regime_warnings(FastCLIPConfig(data_size=10, gamma_decay_epochs=8), epochs=8, total_steps=100_000)
     assert no_decay == ["--gamma_decay_epochs 8 >= --epochs 8: gamma never reaches --gamma 0.2 (last epoch: 0.23), so "
                         "each u averages few visits and FastCLIP stays close to the mini-batch loss; the default "
                         "decays over half the epochs"]
-    assert short_run_warnings(FastCLIPConfig(data_size=10, gamma_decay_epochs=16), epochs=32, total_steps=10_000) == []
+    long_run = FastCLIPConfig(data_size=3_000_000, gamma_decay_epochs=16)
+    assert regime_warnings(long_run, epochs=32, total_steps=10_000) == []
     constant_tau = FastCLIPConfig(data_size=10, temperature_scheme="global_constant", gamma_decay_epochs=2)
-    assert short_run_warnings(constant_tau, epochs=4, total_steps=10) == []  # v1 learns no temperature
+    assert regime_warnings(constant_tau, epochs=4, total_steps=10) == []  # v1 learns no temperature
+
+
+def test_a_long_memory_of_u_on_small_data_is_warned_about():
+    """A few thousand pairs for tens of epochs at gamma below 0.5: the setting where u's memory cost recall."""
+    small = regime_warnings(FastCLIPConfig(data_size=2_000, gamma_decay_epochs=15), epochs=30, total_steps=10_000)
+    assert len(small) == 1 and small[0].startswith("--data_size 2000 pairs x 30 epochs at --gamma 0.2: ")
+    for config, epochs in ((FastCLIPConfig(data_size=2_000, gamma=0.5, gamma_decay_epochs=15), 30),
+                           (FastCLIPConfig(data_size=2_000, gamma=1.0, gamma_schedule="constant"), 30),
+                           (FastCLIPConfig(data_size=2_000, gamma_decay_epochs=2), 4),
+                           (FastCLIPConfig(data_size=50_000, gamma_decay_epochs=15), 30)):
+        assert regime_warnings(config, epochs, total_steps=10_000) == []

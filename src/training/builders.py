@@ -26,7 +26,7 @@ from fastclip.distributed.threads import configure_cpu_threads, local_ranks
 from fastclip.train.engine import Trainer
 from fastclip.run.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
-from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, short_run_warnings
+from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, regime_warnings
 from fastclip.losses.openclip import OpenCLIPObjective
 from fastclip.losses.siglip import SigLIPObjective
 from fastclip.models import ModelBundle, ModelOptions, build_model
@@ -234,7 +234,7 @@ def _build_run(config: Config, env: DistEnv, stack: contextlib.ExitStack) -> Run
                     resume=config.checkpoint.resume is not None)))
     steps = StepPlan.of_epoch(len(data.train), config.optim.accum_freq, config.optim.epochs)
     if env.is_master and isinstance(objective, FastCLIPObjective):
-        for warning in short_run_warnings(objective.config, steps.epochs, steps.total_steps):
+        for warning in regime_warnings(objective.config, steps.epochs, steps.total_steps):
             logger.warning("%s", warning)
     trainer = build_trainer(config, env, bundle.model, objective, precision, steps, metrics)
     states = {"optimizer": trainer.optimizer, "scaler": trainer.stepper, "objective": objective, "guard": trainer.guard}

@@ -65,13 +65,23 @@ class FastCLIPConfig:
             raise ValueError(f"data_size must be positive, got {self.data_size}")
 
 
-def short_run_warnings(config: FastCLIPConfig, epochs: int, total_steps: int) -> list[str]:
-    """Why u or the temperature can hardly matter in a run this short, as start-up warnings.
+SMALL_DATA = 10_000  # pairs: below this, many epochs memorise the data (measured at 2,000: bench/long_study.py)
+MANY_EPOCHS = 10
+
+
+def regime_warnings(config: FastCLIPConfig, epochs: int, total_steps: int) -> list[str]:
+    """Start-up warnings for runs where FastCLIP's settings are known to do little or to cost.
 
     FastCLIP departs from the mini-batch loss only once each pair's u has averaged many visits: gamma is 1
     in epoch 0 and decays to --gamma over --gamma_decay_epochs. A learnt global temperature is the model's
-    log-scale under Adam, which moves it by about --lr_tau per step at most."""
+    log-scale under Adam, which moves it by about --lr_tau per step at most. On a few thousand pairs over
+    many epochs a few memorised hard negatives carry each g, and a long memory of u cost recall."""
     warnings = []
+    if config.data_size <= SMALL_DATA and epochs >= MANY_EPOCHS and config.gamma < 0.5:
+        warnings.append(f"--data_size {config.data_size} pairs x {epochs} epochs at --gamma {config.gamma:g}: on 2,000 "
+                        "pairs x 30 epochs FastCLIP-v3 at --gamma 0.2 trailed OpenCLIP by 2.6 pp held-out R@10, tied "
+                        "it at --gamma 0.5 and led slightly at --gamma 1 --gamma_schedule constant (README: Which "
+                        "version, which flags)")
     if epochs <= 1:
         warnings.append(f"--epochs {epochs}: gamma is 1 in epoch 0, so every u is its mini-batch estimate and "
                         "FastCLIP trains like the mini-batch loss; u averages visits from epoch 1 on")
