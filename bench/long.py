@@ -117,9 +117,14 @@ def final_tau(run_dir: Path) -> float:
     return last.get("tau", json.loads((run_dir / "params.json").read_text())["temperature"])
 
 
+def run_dir_of(argv: Sequence[str], logs: Path) -> Path:
+    """Where the run of `argv` writes: `logs/<its --name>`."""
+    return logs / argv[argv.index("--name") + 1]
+
+
 def train(run: Run, argv: list[str], logs: Path) -> Curve:
     """The run of `argv` (trained, or reused when finished with the same flags), in `logs/<its --name>`."""
-    run_dir = logs / argv[argv.index("--name") + 1]
+    run_dir = run_dir_of(argv, logs)
     seconds = reuse_or_train(run_dir, ["torchrun", f"--nproc_per_node={RANKS}", *argv], lambda: torchrun(argv))
     return read_curve(run, run_dir, seconds)
 

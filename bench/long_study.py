@@ -35,8 +35,8 @@ from typing import Sequence
 
 from common import OUT_DIR, markdown_table, read_jsonl, write_report
 from fonts import RANKS, Run, load_data
-from long import (FULL, QUICK, REFERENCE, Curve, Group, Scale, cell, difference_cells, long_argv, steps_to_reach,
-                  train)
+from long import (FULL, QUICK, REFERENCE, Curve, Group, Scale, cell, difference_cells, long_argv, run_dir_of,
+                  steps_to_reach, train)
 
 SEED = 0
 MINI_BATCH_U = ("--gamma", "1.0", "--gamma_schedule", "constant")  # u_i <- g_i(B) at every visit
@@ -104,16 +104,15 @@ def run_variant(variant: Variant, data, scale: Scale, logs: Path) -> Curve:
     return train(variant.run(), variant_argv(variant, data, scale, logs), logs)
 
 
-def lag_windows(run_dir: Path, epochs: int, key: str, windows: int = 3) -> list[float]:
-    """The logged `key` (g_over_u or g_over_u_typical) averaged over each third of the run's steps (the
-    typical one geometrically, as it is formed)."""
+def lag_windows(run_dir: Path, epochs: int, key: str, geometric: bool, windows: int = 3) -> list[float]:
+    """The logged `key` averaged over each third of the run's steps, arithmetically or geometrically (as
+    g_over_u and g_over_u_typical are formed)."""
     parts: list[list[float]] = [[] for _ in range(windows)]
     for row in read_jsonl(run_dir / "metrics.jsonl"):
         if key in row:
-            parts[min(windows - 1, row["epoch"] * windows // epochs)].append(row[key])
-    if key == "g_over_u_typical":
-        return [math.exp(sum(map(math.log, p)) / len(p)) if p else math.nan for p in parts]
-    return [sum(p) / len(p) if p else math.nan for p in parts]
+            parts[min(windows - 1, row["epoch"] * windows // epochs)].append(math.log(row[key]) if geometric else row[key])
+    means = [sum(p) / len(p) if p else math.nan for p in parts]
+    return [math.exp(m) for m in means] if geometric else means
 
 
 def study_table(variants: Sequence[Variant], curves: dict[Variant, Curve]) -> str:
@@ -156,9 +155,10 @@ def lag_table(run_dirs: dict[Variant, Path], epochs: int) -> str:
     third = epochs // 3
     spans = [f"epochs {a}-{b - 1}" for a, b in ((0, third), (third, 2 * third), (2 * third, epochs))]
     rows = [[variant.label, *(f"{mean:.3g} / {typical:.2f}" for mean, typical in
-                              zip(lag_windows(run_dir, epochs, "g_over_u"), lag_windows(run_dir, epochs, "g_over_u_typical")))]
+                              zip(lag_windows(run_dir, epochs, "g_over_u", geometric=False),
+                                  lag_windows(run_dir, epochs, "g_over_u_typical", geometric=True)))]
             for variant, run_dir in run_dirs.items()]
-    return markdown_table(["setting (2x16, seed 0)", *(f"g / u, {span}: mean / geometric" for span in spans)], rows)
+    return markdown_table([f"setting (2x16, seed {SEED})", *(f"g / u, {span}: mean / geometric" for span in spans)], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -184,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[memory] {variant.label}: R@10 {cell(*memory[variant].final('R@10'), percent=True)} %", flush=True)
     lag_dirs: dict[Variant, Path] = {}
     for variant in LAG_VARIANTS if memory else ():
-        run_variant(variant, data, scale, logs)
         argv = variant_argv(variant, data, scale, logs)
-        lag_dirs[variant] = logs / argv[argv.index("--name") + 1]
+        train(variant.run(), argv, logs)
+        lag_dirs[variant] = run_dir_of(argv, logs)
     body = (
         f"bench/long.py's data, model and schedule ({scale.epochs} epochs), seed {SEED}, one setting changed at a "
         f"time; final held-out values (R@1 and R@10: the mean of both directions; GCL: the global loss of the "

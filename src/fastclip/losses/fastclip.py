@@ -26,7 +26,7 @@ import torch
 from ..distributed import comm
 from ..rules import check_multiply_tau
 from ..train.schedules import gamma_at_epoch
-from .moving_average import Lag, lag
+from .moving_average import lag_values
 from .state import ShardedState
 from . import functional as fn
 from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme, tau_summary
@@ -153,7 +153,7 @@ class FastCLIPObjective:
         per_column = [initial[field] for field in self.fields for _ in (1, 2)]
         self.state = ShardedState(config.data_size, per_column, device, dtype)
         self._last_tau: torch.Tensor | None = None
-        self._lag: Lag | None = None
+        self._lag_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (log u before, log g) of the last step
         self.on_epoch_start(0)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -191,7 +191,7 @@ class FastCLIPObjective:
         mask = fn.exclusion_mask(b, m, start, 0, image.device)
         diffs = fn.pairwise_differences(torch.stack([image, text]), torch.stack([all_text, all_image]), positive, tau)
         estimate = self.average.update(old, diffs, mask, self.gamma, m, cfg.fastclip_eps)
-        self._lag = lag(self.average.log_u(old).detach(), estimate.log_g)
+        self._lag_inputs = (self.average.log_u(old), estimate.log_g)  # read only when a line is logged
         new = {**estimate.fields, **self.scheme.step(old, diffs, mask, estimate, m, self.epoch)}
         loss1 = fn.weighted_sum(diffs, estimate.shift, mask).sum(dim=0).mean() / (m - 1)
 
@@ -220,10 +220,10 @@ class FastCLIPObjective:
         """gamma and the temperature of the last step: the model's tau, or for v2 the mean, min, median
         and max of the global batch's per-sample taus and the share of them at the 0.01 floor; and how the
         last step's local anchors that were visited before compare their mini-batch g with their u
-        (moving_average.Lag: `g_over_u`, `g_over_u_typical`)."""
+        (moving_average.lag_values: `g_over_u`, `g_over_u_typical`)."""
         taus = torch.tensor(self.config.temperature) if self._last_tau is None else self._last_tau
         values = {"gamma": self.gamma, **tau_summary(taus)}
-        return values if self._lag is None else {**values, **self._lag.values()}
+        return values if self._lag_inputs is None else {**values, **lag_values(*self._lag_inputs)}
 
     @property
     def per_sample(self) -> ShardedState:

@@ -34,29 +34,23 @@ class Estimate(NamedTuple):
     log_g: torch.Tensor  # log of the mini-batch estimate g_i on the true scale
 
 
-class Lag(NamedTuple):
-    """How u compares with this step's mini-batch g over the anchors whose u holds earlier visits (u as
-    it was before the step), as sums so that a step never waits for the host."""
-
-    ratio_sum: torch.Tensor  # sum of g_i / u_i: its mean is 1 while u keeps pace (E[g(B)] = g)
-    log_ratio_sum: torch.Tensor  # sum of log(g_i / u_i): below the above when rare hard negatives carry g
-    count: torch.Tensor
-
-    def values(self) -> dict[str, float]:
-        """`g_over_u` (mean ratio: below 1 when the model has lowered g since u averaged it, i.e. u is
-        stale) and `g_over_u_typical` (geometric mean: the typical batch's weight scale, lower still when
-        most batches miss the few negatives that carry g); nothing before any pair is revisited."""
-        count = int(self.count)
-        if count == 0:
-            return {}
-        return {"g_over_u": float(self.ratio_sum) / count, "g_over_u_typical": math.exp(float(self.log_ratio_sum) / count)}
+def holds_visits(log_u: torch.Tensor) -> torch.Tensor:
+    """Where a stored log u is a value to keep: finite and not below log(1e-35) (elsewhere u <- g)."""
+    return torch.isfinite(log_u) & (log_u >= LOG_BAD_U_BELOW)
 
 
-def lag(log_u_before: torch.Tensor, log_g: torch.Tensor) -> Lag:
-    """The `Lag` of one step's anchors (log ratios clamped at +-80, so that a ratio stays finite)."""
-    seen = torch.isfinite(log_u_before) & (log_u_before >= LOG_BAD_U_BELOW)
-    log_ratio = torch.where(seen, (log_g - log_u_before).clamp(-80.0, 80.0), torch.zeros_like(log_g))
-    return Lag(torch.where(seen, log_ratio.exp(), torch.zeros_like(log_g)).sum(), log_ratio.sum(), seen.sum())
+def lag_values(log_u_before: torch.Tensor, log_g: torch.Tensor) -> dict[str, float]:
+    """How one step's mini-batch g compares with u (as it was before the step) over the anchors whose u
+    holds earlier visits: `g_over_u`, the mean ratio (1 while u keeps pace, as E[g(B)] = g; below 1 when
+    the model has lowered g since u averaged it), and `g_over_u_typical`, the geometric mean (the typical
+    batch's weight scale, lower when most batches miss the few negatives that carry g). Nothing before any
+    pair is revisited. Log ratios are clamped at +-80 so that a ratio stays finite."""
+    seen = holds_visits(log_u_before)
+    count = int(seen.sum())
+    if count == 0:
+        return {}
+    log_ratio = (log_g - log_u_before)[seen].clamp(-80.0, 80.0)
+    return {"g_over_u": float(log_ratio.exp().sum()) / count, "g_over_u_typical": math.exp(float(log_ratio.sum()) / count)}
 
 
 def _log(x: float) -> float:
@@ -76,9 +70,8 @@ class LogMovingAverage:
     ) -> Estimate:
         log_g = fn.log_estimator(differences, mask, batch_size)
         log_u = old["log_u"].to(log_g.dtype)
-        bad = (log_u < LOG_BAD_U_BELOW) | ~torch.isfinite(log_u)
         moved = torch.logaddexp(log_u + _log(1.0 - gamma), log_g + _log(gamma))
-        new = {"log_u": torch.where(bad, log_g, moved)}
+        new = {"log_u": torch.where(holds_visits(log_u), moved, log_g)}
         return Estimate(new, self.shift(new, eps), log_g)
 
     @staticmethod
