@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
 
-.PHONY: install demo test test-fast bench bench-quick bench-fonts bench-long gpu-wheels clean
+.PHONY: install demo test test-fast bench bench-quick bench-fonts bench-long bench-scale gpu-wheels clean
 
 install: $(STAMP)
 
@@ -59,6 +59,14 @@ bench-long: install
 	$(PY) -m fastclip.datasets.packages install fonts
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/run_all.py --only long
+
+# the regime map (bench/scale.py, ~6 h on 2 cores): OpenCLIP vs FastCLIP from 2,000 pairs to every font character,
+# 20 visits each; finished runs are recorded in bench/results/scale/ and reused, so it resumes where it stopped
+bench-scale: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m fastclip.datasets.packages install fonts
+	$(PY) -m fastclip.datasets.fonts --check
+	$(PY) bench/run_all.py --only scale
 
 # wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
 gpu-wheels:

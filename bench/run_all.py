@@ -32,6 +32,7 @@ TITLES = {
     "fonts_study": "Unique captions, 4 epochs at 2x16",
     "long": "Many visits per pair",
     "long_study": "What it takes",
+    "scale": "The regime map",
     "threads": "CPU threads per rank",
 }
 BENCHMARKS = tuple(TITLES)
