@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 from fastclip.datasets.packages import MissingData
+from processes import SESSION_MARK, command_line, orphans_of_session, still_running
 
 FIXTURES = Path(__file__).with_name("fixtures")
 
@@ -124,10 +127,12 @@ TIER_OF = {
     "test_faults.py::test_a_stopped_rank": "multiprocess",
     "test_faults.py::test_timed_checkpoints": "multiprocess",
     "test_cli_errors.py::test_every_rank_stops": "multiprocess",
+    "test_worker_lifetime.py::test_sigkill_of_one_gloo_rank": "multiprocess",
     # e2e: whole training runs through the script, the demo or a console script
     "test_carry_over_runs.py": "e2e",
     "test_export.py": "e2e",
     "test_faults.py": "e2e",
+    "test_worker_lifetime.py": "e2e",
     "test_train_e2e.py": "e2e",
     "test_demo.py": "e2e",
     "test_finetune.py": "e2e",
@@ -151,3 +156,25 @@ def pytest_collection_modifyitems(items) -> None:
             if item.path.name == file and item.name.startswith(prefix):
                 item.add_marker(tier)
                 break
+
+
+# Processes left behind: every process the suite starts carries SESSION_MARK; at the end of the session
+# none may run outside the pytest process's own tree (a rank's forkserver, workers or resource tracker
+# orphaned by a killed rank would be).
+os.environ.setdefault(SESSION_MARK, str(os.getpid()))
+LEFT_BEHIND_WAIT_S = 20
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if not sys.platform.startswith("linux") or os.environ[SESSION_MARK] != str(os.getpid()):
+        return
+    left = still_running(orphans_of_session(os.environ[SESSION_MARK]), LEFT_BEHIND_WAIT_S)
+    if not left:
+        return
+    lines = "\n".join(f"  {pid}: {command_line(pid)[:200]}" for pid in sorted(left))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    session.config.get_terminal_writer().line(
+        f"\n{len(left)} process(es) started by the tests still ran {LEFT_BEHIND_WAIT_S} s after the session "
+        f"(killed now):\n{lines}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -8,7 +8,7 @@ import threading
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from fastclip.data.workers import worker_context
+from fastclip.data.workers import worker_arguments
 
 HELD_BY_ANOTHER_THREAD = threading.Lock()
 
@@ -34,8 +34,7 @@ def test_workers_do_not_inherit_a_lock_held_by_another_thread() -> None:
     taken.wait()
     try:
         # the holder still has the lock when the workers start; a forked worker would time out here
-        loader = DataLoader(NeedsTheLock(), batch_size=None, num_workers=2, timeout=60,
-                            multiprocessing_context=worker_context(2))
+        loader = DataLoader(NeedsTheLock(), batch_size=None, timeout=60, **worker_arguments(2))
         batches = iter(loader)
         release.set()
         assert sorted(int(b) for b in batches) == [0, 1]
@@ -46,4 +45,5 @@ def test_workers_do_not_inherit_a_lock_held_by_another_thread() -> None:
 
 def test_no_context_without_workers() -> None:
     """torch refuses a start method for in-process loading (workers=0)."""
-    assert worker_context(0) is None
+    assert "multiprocessing_context" not in worker_arguments(0)
+    DataLoader(NeedsTheLock(), batch_size=None, **worker_arguments(0))

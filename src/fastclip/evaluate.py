@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from fastclip.data.workers import worker_context
+from fastclip.data.workers import worker_arguments
 from fastclip.distributed import comm
 from fastclip.train.optim import unwrap
 from fastclip.train.precision import Precision, resolve_precision
@@ -422,6 +422,5 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, pin_memory=device.type == "cuda",
-        multiprocessing_context=worker_context(workers),
+        dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda", **worker_arguments(workers)
     )

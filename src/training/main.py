@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     exit code of a run that stopped early on purpose (its log says why and how to continue).
     """
     config = Config.from_args(parse_args(argv))
+    if config.data.workers:
+        from fastclip.data.workers import start_forkserver
+
+        start_forkserver()  # its imports run while this process imports and builds the model
     run = config.run
     from fastclip.checkpoint import files
     from fastclip.checkpoint.checkpointer import CheckpointWriteError

@@ -76,7 +76,7 @@ from .shards import (
     shard_order,
     slot_assignment,
 )
-from .workers import worker_context
+from .workers import worker_arguments
 
 MAX_EMPTY_PASSES = 5
 VAL_ORDER_STRIDE = 2**32  # a validation sample's order: shard number * stride + position in the shard
@@ -461,9 +461,9 @@ class TrainLoader:
         # the DataLoader's own generator: starting it draws nothing from the global RNG
         seed = int(derive_rng(d.seed, d.epoch, LOADER_STREAM, d.rank).integers(2**62))
         dataset = d.starting_at(self._positions, self._batches % self.slots)
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                                  generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_signals,
-                                  multiprocessing_context=worker_context(self.workers)))
+        batches = iter(DataLoader(dataset, batch_size=None, pin_memory=self.pin_memory,
+                                  generator=torch.Generator().manual_seed(seed),
+                                  **worker_arguments(self.workers, ignore_signals)))
         try:
             for batch in itertools.islice(batches, self.num_batches - self._batches):
                 self._record(batch.pop("slot"), batch.pop("position"))
@@ -534,8 +534,7 @@ def build_val_loader(
     `limit` reads only what the first `limit` pairs can come from (`ShardValDataset`)."""
     dataset = ShardValDataset(expand_shards(shards), preprocess, tokenizer, batch_size, data_size=data_size,
                               rank=rank, world_size=world_size, limit=limit, captions_per_line=captions_per_line)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      multiprocessing_context=worker_context(workers))
+    return DataLoader(dataset, batch_size=None, pin_memory=pin_memory, **worker_arguments(workers))
 
 
 def build_csv_train_loader(
@@ -581,5 +580,4 @@ def build_csv_val_loader(
     """`build_val_loader` over the rows of a CSV (the first `limit`, if given): 'order' is the row number."""
     dataset = CsvValDataset(table, preprocess, tokenizer, batch_size, rank=rank, world_size=world_size,
                             limit=limit)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      multiprocessing_context=worker_context(workers))
+    return DataLoader(dataset, batch_size=None, pin_memory=pin_memory, **worker_arguments(workers))
