@@ -25,6 +25,8 @@ MODEL = "ViT-Tiny-32px"
 N, M = 16, 6  # data size; global batch (K=2: b=3, K=3: b=2)
 BATCHES = ([3, 7, 1, 8, 0, 5], [5, 2, 3, 11, 7, 4])  # the second revisits 5, 3, 7
 SETTINGS = dict(data_size=N, gamma=0.3, gamma_decay_epochs=4, temperature=0.07, rho=6.5, lr_tau=0.01, beta2=0.98)
+# the paper's versions, and v3 with the opt-in normaliser clamp (a factor small enough to bite at step 2)
+OBJECTIVES = {**VERSIONS, "v3 clamp_u_to_g": dict(VERSIONS["v3"], clamp_u_to_g=1.05)}
 
 
 
@@ -32,7 +34,7 @@ SETTINGS = dict(data_size=N, gamma=0.3, gamma_decay_epochs=4, temperature=0.07, 
 def two_steps(version: str, dtype: torch.dtype, inputs: dict) -> dict:
     """Epoch 0 step then epoch 1 step on this rank's share of each batch; gradients of both and the state."""
     world, rank = comm.world_size(), comm.rank()
-    objective = FastCLIPObjective(FastCLIPConfig(**SETTINGS, **VERSIONS[version]), "cpu", dtype)
+    objective = FastCLIPObjective(FastCLIPConfig(**SETTINGS, **OBJECTIVES[version]), "cpu", dtype)
     model = build_model(MODEL).model
     model.load_state_dict(inputs["weights"])
     model.to(dtype).logit_scale.requires_grad_(objective.learns_model_temperature)
@@ -59,7 +61,7 @@ def two_steps(version: str, dtype: torch.dtype, inputs: dict) -> dict:
 
 def run_all(inputs_path: Path, out_path: Path) -> dict:
     inputs = torch.load(inputs_path)
-    results = {(v, dtype): two_steps(v, dtype, inputs) for v in VERSIONS for dtype in TOLERANCE}
+    results = {(v, dtype): two_steps(v, dtype, inputs) for v in OBJECTIVES for dtype in TOLERANCE}
     if comm.rank() == 0:
         torch.save(results, out_path)
     return results
@@ -112,7 +114,7 @@ def test_k_ranks_equal_one_process_with_the_global_batch(world, single_process, 
         got, tol = actual[(version, dtype)], TOLERANCE[dtype]
         for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
             assert g.keys() == r.keys()
-            assert ("logit_scale" in r) == (version in ("v0", "v3"))
+            assert ("logit_scale" in r) == (version.split()[0] in ("v0", "v3"))
             model_diff = max_rel_diff(model_grads(g), model_grads(r))
             tau_diff = max_rel_diff(g["logit_scale"], r["logit_scale"]) if "logit_scale" in r else 0.0
             print(f"K={world} {version} {str(dtype):14} step {step}: "

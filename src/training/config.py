@@ -122,6 +122,7 @@ class ObjectiveConfig:
     gamma_decay_epochs: int
     rho: float
     fastclip_eps: float
+    clamp_u_to_g: float | None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ MINIMUM = {
     "batch_size": (1, ""), "workers": (0, " (0: load in the training process)"), "epochs": (0, " (0: evaluate only)"),
     "stop_epochs": (1, ""), "warmup": (0, " (0: no warmup)"), "train_num_samples": (1, ""),
     "val_num_samples": (1, ""), "train_eval_num_samples": (0, " (0: off)"), "data_size": (1, ""),
-    "epochs_cooldown": (1, ""), "gamma_decay_epochs": (1, ""),
+    "epochs_cooldown": (1, ""), "gamma_decay_epochs": (1, ""), "clamp_u_to_g": (1, " (1: the mini-batch's normalisation)"),
     "wd": (0, ""), "lr_cooldown_end": (0, ""), "rho": (0, ""), "seed": (0, ""), "save_frequency": (0, " (0: never)"),
     "save_every_n_steps": (0, " (0: off)"), "save_every_minutes": (0, " (0: off)"), "max_bad_steps": (1, ""),
     "zeroshot_frequency": (0, " (0: after the last epoch only)"),
@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
           help="FastCLIP: temperature learning rate schedule; step_thresh divides it by 3 at every step "
                "where tau <= 0.03 (default: const for individual_learnable, else cosine)")
     p.add("--fastclip_eps", type=float, default=1e-14, help="FastCLIP: eps in the ratio g / (eps + u)")
+    p.add("--clamp_u_to_g", type=float, default=None, metavar="C",
+          help="FastCLIP, opt-in (not the paper's): divide each anchor's weights by u clamped to within a factor C "
+               "(>= 1) of the step's mini-batch estimate g, so that no step weighs an anchor more than C times, or "
+               "less than 1/C times, the mini-batch softmax; for a few thousand pairs over many epochs (README: "
+               "Which version, which flags)")
 
     # run, logging, checkpoints
     p.add("--name", type=str, default=None,
@@ -384,6 +389,8 @@ def _validate_fastclip_only(args: argparse.Namespace) -> None:
     """FastCLIP's flags do nothing in an OpenCLIP run: name the missing --fastclip instead of ignoring them."""
     if args.multiply_tau:
         _fail("--multiply_tau selects FastCLIP-v3's loss: add --fastclip (without it the run trains OpenCLIP)")
+    if args.clamp_u_to_g is not None:
+        _fail("--clamp_u_to_g bounds FastCLIP's normaliser u: add --fastclip (OpenCLIP has no u)")
     if args.temperature_scheme == "individual_learnable":
         _fail("--temperature_scheme individual_learnable is FastCLIP-v2's per-sample temperature: add --fastclip "
               "(OpenCLIP learns one global temperature, or keeps it fixed with global_constant)")

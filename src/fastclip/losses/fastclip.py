@@ -27,6 +27,7 @@ from ..distributed import comm
 from ..rules import check_multiply_tau
 from ..train.schedules import gamma_at_epoch
 from .moving_average import lag_values
+from .normaliser import build_normaliser
 from .state import ShardedState
 from . import functional as fn
 from .temperature import GlobalTemperature, IndividualTemperature, TemperatureScheme, tau_summary
@@ -56,6 +57,7 @@ class FastCLIPConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    clamp_u_to_g: float | None = None  # opt-in, not the paper's: see normaliser.py
 
     def __post_init__(self) -> None:
         if self.temperature_scheme not in TEMPERATURE_SCHEMES:
@@ -146,6 +148,7 @@ class FastCLIPObjective:
         self.config = config
         self.scheme = build_scheme(config)
         self.average = self.scheme.moving_average
+        self.normaliser = build_normaliser(config.clamp_u_to_g)
         self.learns_model_temperature = self.scheme.learns_model_temperature
         self.fields = list(self.average.fields) + list(self.scheme.fields)
         self.columns = [f"{field}{side}" for field in self.fields for side in (1, 2)]
@@ -193,15 +196,19 @@ class FastCLIPObjective:
         estimate = self.average.update(old, diffs, mask, self.gamma, m, cfg.fastclip_eps)
         self._lag_inputs = (self.average.log_u(old), estimate.log_g)  # read only when a line is logged
         new = {**estimate.fields, **self.scheme.step(old, diffs, mask, estimate, m, self.epoch)}
-        loss1 = fn.weighted_sum(diffs, estimate.shift, mask).sum(dim=0).mean() / (m - 1)
+        shift = self.normaliser.local(estimate.shift, estimate.log_g)
+        loss1 = fn.weighted_sum(diffs, shift, mask).sum(dim=0).mean() / (m - 1)
 
         # one all-gather: new per-sample values (stored by their owners) and what term 2 needs
-        shared = [_join_fields(new, self.fields), positive.detach(), *self.scheme.shared(tau)]
+        normaliser_shared = self.normaliser.shared(estimate.log_g)
+        shared = [_join_fields(new, self.fields), positive.detach(), *normaliser_shared, *self.scheme.shared(tau)]
         all_new, all_positive, *all_shared = comm.gather_to_all(shared)
         self.state.store(all_index, all_new)
+        all_normaliser_shared, all_shared = all_shared[:len(normaliser_shared)], all_shared[len(normaliser_shared):]
 
         # term 2: gathered anchors (constants) against the local candidates (with gradient)
-        all_shift = self.average.shift(_split_fields(all_new, self.fields), cfg.fastclip_eps)
+        all_shift = self.normaliser.gathered(
+            self.average.shift(_split_fields(all_new, self.fields), cfg.fastclip_eps), all_normaliser_shared)
         mask2 = fn.exclusion_mask(m, b, 0, start, image.device)
         diffs2 = fn.pairwise_differences(
             torch.stack([all_image, all_text]), torch.stack([text, image]), all_positive,
