@@ -191,8 +191,10 @@ def groups_of(records: Sequence[Record]) -> dict[tuple[int, str], Group]:
 
 
 def size_label(pairs: int, records: Sequence[Record]) -> str:
+    if pairs != ALL:
+        return f"{pairs:,}"
     trained = {r.pairs_trained for r in records if r.cell.pairs == pairs}
-    return f"{next(iter(trained)):,} (all)" if pairs == ALL and trained else f"{pairs:,}"
+    return f"{next(iter(trained)):,} (all)" if trained else "every character"
 
 
 def verdict(mean: float, error: float) -> str:
