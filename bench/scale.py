@@ -9,6 +9,8 @@ the visits per pair (20 epochs) fixed and grows the training set of `fastclip.da
 sizes differ only in how many other pairs share the batches. At every size it trains:
 - OpenCLIP and FastCLIP-v3, the README's flags (gamma 0.2 decayed over half the epochs), 3 seeds up
   to 20,000 pairs and 2 beyond;
+- FastCLIP-v3 with `--clamp_u_to_g 2` (u's memory kept, no step weighing an anchor beyond a factor 2 of
+  the mini-batch softmax), seeds 0 and 1;
 and at 20,000 pairs, 2 seeds each:
 - FastCLIP-v3 with the README's small-data flags (`--gamma 0.5`);
 - OpenCLIP with its temperature fixed at 0.07 and FastCLIP-v1 at the same tau: the two differ in u alone.
@@ -22,7 +24,7 @@ size. Each finished run is recorded in bench/results/scale/ (committed: its sett
 time): a run whose record has the same settings is not trained again, on this machine or a fresh clone,
 and `--report` writes the map from the records alone.
 
-    python bench/scale.py            # make bench-scale: 28 runs, ~6 h on 2 cores
+    python bench/scale.py            # make bench-scale: 36 runs, ~8 h on 2 cores
     python bench/scale.py --report   # the map from the finished runs, training nothing
     python bench/scale.py --quick    # smoke test (~4 min): 300 and 600 pairs, 4 epochs, 1 seed
 """
@@ -54,8 +56,10 @@ CONTENDERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "FastCLIP-v3 gamma 0.5": ("FastCLIP-v3", ("--gamma", "0.5")),
     "OpenCLIP-fixed-tau": ("OpenCLIP-fixed-tau", ()),
     "FastCLIP-v1": ("FastCLIP-v1", ()),
+    "FastCLIP-v3 clamp_u_to_g 2": ("FastCLIP-v3", ("--clamp_u_to_g", "2")),
 }
-REFERENCE = {"FastCLIP-v3": "OpenCLIP", "FastCLIP-v3 gamma 0.5": "OpenCLIP", "FastCLIP-v1": "OpenCLIP-fixed-tau"}
+REFERENCE = {"FastCLIP-v3": "OpenCLIP", "FastCLIP-v3 gamma 0.5": "OpenCLIP", "FastCLIP-v1": "OpenCLIP-fixed-tau",
+             "FastCLIP-v3 clamp_u_to_g 2": "OpenCLIP"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Map:
     main_seeds: tuple[int, ...]  # OpenCLIP and FastCLIP-v3 up to `large`
     large: int  # sizes above it (and ALL) get `large_seeds`
     large_seeds: tuple[int, ...]
+    robust: tuple[str, ...]  # trained at every size, seeds `robust_seeds` (within the size's own seeds)
+    robust_seeds: tuple[int, ...]
     extra_size: int  # where the extra contenders train
     extra_seeds: tuple[int, ...]
     extras: tuple[str, ...]
@@ -74,11 +80,12 @@ class Map:
 
 
 FULL = Map(sizes=(2_000, 10_000, 20_000, ALL), test_pairs=500, epochs=20, eval_every=2, main_seeds=(0, 1, 2),
-           large=20_000, large_seeds=(0, 1), extra_size=20_000, extra_seeds=(0, 1),
+           large=20_000, large_seeds=(0, 1), robust=("FastCLIP-v3 clamp_u_to_g 2",), robust_seeds=(0, 1),
+           extra_size=20_000, extra_seeds=(0, 1),
            extras=("FastCLIP-v3 gamma 0.5", "OpenCLIP-fixed-tau", "FastCLIP-v1"),
            records=ROOT / "bench" / "results" / "scale")
 QUICK = Map(sizes=(300, 600), test_pairs=100, epochs=4, eval_every=2, main_seeds=(0,), large=600,
-            large_seeds=(0,), extra_size=600, extra_seeds=(), extras=(), records=OUT_DIR / "scale-quick" / "records")
+            large_seeds=(0,), robust=(), robust_seeds=(), extra_size=600, extra_seeds=(), extras=(), records=OUT_DIR / "scale-quick" / "records")
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ def plan(m: Map) -> list[Cell]:
             big = pairs == ALL or pairs > m.large
             if seed in (m.large_seeds if big else m.main_seeds):
                 cells += [Cell(pairs, c, seed) for c in ("OpenCLIP", "FastCLIP-v3")]
+                if seed in m.robust_seeds:
+                    cells += [Cell(pairs, c, seed) for c in m.robust]
             if pairs == m.extra_size and seed in m.extra_seeds:
                 cells += [Cell(pairs, c, seed) for c in m.extras]
     return cells
