@@ -11,7 +11,7 @@ changes one flag (appended, so argparse keeps it):
   mini-batch's g_i and the gradient is that of the mini-batch loss log g_i(B) (v1: the same fixed
   tau as OpenCLIP-fixed-tau; the two then differ only in the positive pair's term in the softmax's
   denominator), the eps of g / (eps + u) at 1e-3 instead of 1e-14, and v3 with the opt-in normaliser
-  clamp `--clamp_u_to_g` 2 and 4 (u's memory kept, each step's weights within a factor C of the
+  clamp `--clamp_u_to_g` 1.5, 2 and 4 (u's memory kept, each step's weights within a factor C of the
   mini-batch softmax's);
 - the batch: OpenCLIP and FastCLIP-v3 at 2x64 and 2x128 (2x16 and 2x32 come from bench/long.py).
 The baselines (OpenCLIP and FastCLIP-v3 at 2x16 and 2x32, OpenCLIP-fixed-tau and FastCLIP-v1 at
@@ -22,7 +22,7 @@ Then the memory of u (gamma 0.5 and 1 beside the default 0.2, v1 and v3) over be
 seeds, against the baselines' three seeds from bench/long.py; and v3's three memories once more, seed 0,
 logging every 10 steps how the pairs' mini-batch g compares with their u (`g_over_u`).
 
-    python bench/long_study.py            # 34 runs besides bench/long.py's, ~80 min on 2 cores
+    python bench/long_study.py            # 37 runs besides bench/long.py's, ~85 min on 2 cores
     python bench/long_study.py --quick    # smoke test on bench/long.py's quick data
 """
 
@@ -43,7 +43,7 @@ from long import (FULL, QUICK, REFERENCE, Curve, Group, Scale, cell, difference_
 SEED = 0
 MINI_BATCH_U = ("--gamma", "1.0", "--gamma_schedule", "constant")  # u_i <- g_i(B) at every visit
 # the opt-in normaliser clamp: u within a factor C of the step's g (C = 1: the mini-batch's normalisation)
-CLAMPS = tuple(("--clamp_u_to_g", factor) for factor in ("2", "4"))
+CLAMPS = tuple(("--clamp_u_to_g", factor) for factor in ("1.5", "2", "4"))
 
 
 @dataclass(frozen=True)
