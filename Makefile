@@ -30,11 +30,11 @@ test: install
 	$(PY) -m fastclip.datasets.packages install test
 	$(PY) -m pytest -q tests
 
-# the inner loop: everything but the multi-process, launcher and end-to-end tiers (tests/conftest.py's TIER_OF);
+# the inner loop: everything but the multi-process, launcher, end-to-end and fake-CUDA-matrix tiers (tests/conftest.py's TIER_OF);
 # the pytest cache works, so `make test-fast PYTEST_ARGS=--lf` reruns the last failures first
 test-fast: install
 	$(PY) -m fastclip.datasets.packages install test
-	$(PY) -m pytest -q -m "not multiprocess and not launcher and not e2e" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not multiprocess and not launcher and not e2e and not fake_cuda" $(PYTEST_ARGS) tests
 
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
