@@ -93,8 +93,8 @@ class Trainer:
 
     def set_learning_rates(self, step: int) -> None:
         lr = self.lr_schedule(step)
-        tau_lr = self.stepper.learning_rate(
-            self.tau_schedule(step, self.temperature() if self.tau_schedule.reads_temperature else None))
+        tau = self.temperature() if self.tau_schedule.reads_temperature else None
+        tau_lr = self.stepper.learning_rate(self.tau_schedule(step, tau))  # a device tensor for step_thresh
         for group in self.optimizer.param_groups:
             group["lr"] = tau_lr if group.get("name") == "temperature" else lr
 
