@@ -60,7 +60,7 @@ bench-long: install
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/run_all.py --only long
 
-# wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
+# wheels the GPU machine lacks (open_clip_torch, webdataset, ...), which `bash bench/gpu.sh` installs from bench/.deps/wheels
 gpu-wheels:
 	bash bench/make_gpu_wheels.sh
 
