@@ -30,11 +30,11 @@ test: install
 	$(PY) -m fastclip.datasets.packages install test
 	$(PY) -m pytest -q tests
 
-# the inner loop: everything but the multi-process, launcher and end-to-end tiers (tests/conftest.py's TIER_OF);
+# the inner loop: everything but the multi-process, launcher, end-to-end and fake-CUDA-matrix tiers (tests/conftest.py's TIER_OF);
 # the pytest cache works, so `make test-fast PYTEST_ARGS=--lf` reruns the last failures first
 test-fast: install
 	$(PY) -m fastclip.datasets.packages install test
-	$(PY) -m pytest -q -m "not multiprocess and not launcher and not e2e" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not multiprocess and not launcher and not e2e and not fake_cuda" $(PYTEST_ARGS) tests
 
 bench: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
@@ -60,7 +60,7 @@ bench-long: install
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/run_all.py --only long
 
-# the regime map (bench/scale.py, ~6 h on 2 cores): OpenCLIP vs FastCLIP from 2,000 pairs to every font character,
+# the regime map (bench/scale.py, ~8 h on 2 cores): OpenCLIP vs FastCLIP from 2,000 pairs to every font character,
 # 20 visits each; finished runs are recorded in bench/results/scale/ and reused, so it resumes where it stopped
 bench-scale: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
@@ -68,7 +68,7 @@ bench-scale: install
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/run_all.py --only scale
 
-# wheels the GPU machine lacks (open_clip_torch, webdataset, ...), for `WHEELS=bench/.deps/wheels bash bench/gpu.sh`
+# wheels the GPU machine lacks (open_clip_torch, webdataset, ...), which `bash bench/gpu.sh` installs from bench/.deps/wheels
 gpu-wheels:
 	bash bench/make_gpu_wheels.sh
 

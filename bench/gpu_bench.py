@@ -1,25 +1,29 @@
-"""GPU throughput, peak memory and host-device synchronisations: open_clip_train against our script.
+"""The GPU check: our step and programs on one NVIDIA GPU, in sections, each written as it ends.
 
-Precisions first: every open_clip `--precision` name (fp32, amp, amp_bf16, bf16, fp16, pure_bf16,
-pure_fp16) through the training script with FastCLIP-v3 on a tiny model for 4 steps: its exit code,
-the precision it says it ran, its last loss (about a minute and a half).
+Each section is one invocation (`python bench/gpu_bench.py SECTION --out DIR`, run by bench/gpu.sh) that
+writes DIR/gpu_SECTION.md and .json when it ends, so that a run cut short keeps what finished.
 
-Programs: RN50 at 224 px, synthetic data, `--precision amp_bf16`, one process, batch 128 and 256:
-samples/s (steady state from each program's log lines, as in throughput.py) and peak CUDA memory
-(`torch.cuda.max_memory_allocated` at exit, printed by the launchers in common.py) of open_clip_train,
-our OpenCLIP mode and our FastCLIP-v3, alternating, within a time budget.
+smoke (at most 4 minutes, about 2 expected on an H100): CUDA and NCCL on one rank (a process group, its
+collectives, one FastCLIP-v3 step through DDP, whose gradient all-reduce runs on it); every open_clip
+`--precision` name for three FastCLIP-v3 steps (the seed's flags, step_thresh included) on a tiny model:
+did it run, what it says it ran, its loss, whether the weights moved, the steps skipped, the loss scale, the
+host synchronisations of a step; then the step alone for OpenCLIP and FastCLIP-v3 (RN50, 224 px,
+`--precision amp_bf16`, batch 128, a batch already on the GPU, so the ceiling the programs would reach if
+data came for free): samples/s, peak memory, synchronisations per step counted two ways (warnings of
+`torch.cuda.set_sync_debug_mode("warn")`, CUDA runtime synchronise calls seen by torch.profiler) over
+objective + backward and over the whole engine step, and a step on NaN images, which must be skipped on
+the device (weights unchanged, counted by the guard) without a synchronisation of its own.
 
-Step alone, in this process: our engine's step on a batch already on the GPU (no data loader, so the
-ceiling the programs would reach if data came for free), for OpenCLIP, FastCLIP-v3 and FastCLIP-v3 with
-`cudnn.benchmark` (open_clip_train turns it on; our script does not). Host-device synchronisations per
-step, counted two ways over objective + backward and over the whole engine step: warnings of
-`torch.cuda.set_sync_debug_mode("warn")`, and CUDA runtime synchronise calls seen by torch.profiler.
-Then a step on NaN images: it must be skipped on the device (weights unchanged, counted by the guard)
-without a synchronisation of its own (the fused AdamW takes the GradScaler's found-inf flag).
-This part runs next (about a minute and a half), so a program run that fails still leaves results.
+programs (about 4 minutes): open_clip_train against our OpenCLIP and FastCLIP-v3 through the training
+script, RN50 at 224 px, synthetic data, `--precision amp_bf16`, one process, batch 128 and 256: samples/s
+(steady state from each program's log lines, as in throughput.py) and peak CUDA memory, alternating within
+a time budget.
 
-    bash bench/gpu.sh                        # one NVIDIA GPU, about 8 minutes on an H100
-    python bench/gpu_bench.py --cpu-smoke    # no GPU: the same code paths, tiny model, one repetition
+steps (about a minute): the step alone at batch 256, and FastCLIP-v3 with `cudnn.benchmark` (open_clip_train
+turns it on; our script does not).
+
+    bash bench/gpu.sh                              # one NVIDIA GPU (see its header for the device tool)
+    python bench/gpu_bench.py smoke --cpu-smoke    # no GPU: the same code paths, tiny model, on the CPU
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import re
 import shutil
 import subprocess
 import tempfile
@@ -40,23 +43,27 @@ from typing import Callable, Iterator, Sequence
 
 import common
 import torch
+import torch.distributed as dist
 
-from fastclip.distributed import init_distributed
+from fastclip.distributed import DistEnv, init_distributed
 from fastclip.models import ModelBundle
 from fastclip.train.engine import Trainer
+from fastclip.train.precision import PRECISIONS
 from ranks import build_engine
+from training.builders import wrap_ddp
 from training.config import Config
 from training.params import parse_args
 
 BASELINE = "open_clip_train"
 RUN_TIMEOUT_S = 240
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SECTIONS = ("smoke", "programs", "steps")
 
 
 @dataclass(frozen=True)
 class GpuSetup:
     model: str
-    batch_sizes: tuple[int, ...]
+    batch_sizes: tuple[int, ...]  # the smoke section's step at the first, the steps section's at the last
     precision: str
     device: str
     steps: int  # training steps per program run
@@ -66,10 +73,12 @@ class GpuSetup:
     budget_s: float  # program runs of all batch sizes together; whole rounds only
     step_iters: int  # timed steps of the in-process step benchmark
     sync_steps: int  # steps over which synchronisations are counted
+    tiny_model: str = "ViT-Tiny-32px"  # the precision names' steps and the DDP step
+    tiny_batch: int = 16
 
 
 GPU = GpuSetup("RN50", (128, 256), "amp_bf16", "cuda", steps=20, log_every=4, workers=12, repeats=5,
-               budget_s=240, step_iters=20, sync_steps=3)
+               budget_s=180, step_iters=20, sync_steps=3)
 SMOKE = GpuSetup("ViT-Tiny-32px", (32,), "fp32", "cpu", steps=6, log_every=2, workers=1, repeats=1,
                  budget_s=600, step_iters=3, sync_steps=1)
 
@@ -111,58 +120,15 @@ def program_trials(setup: GpuSetup, batch_size: int, logs: Path) -> dict[str, co
     }
 
 
-def run_programs(setup: GpuSetup) -> tuple[dict[int, common.Runs], str | None]:
-    """Runs per batch size, and the error that stopped them, if any (the GPU time is not lost for the
-    measurements already made: the report is written either way)."""
+def run_programs(setup: GpuSetup, batch_size: int, budget_s: float) -> tuple[common.Runs, str | None]:
+    """The runs at one batch size, and the error that stopped them, if any (the runs made are kept)."""
     logs = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    budget_each = setup.budget_s / len(setup.batch_sizes)
-    programs: dict[int, common.Runs] = {}
     try:
-        for b in setup.batch_sizes:
-            programs[b] = common.alternate(program_trials(setup, b, logs), setup.repeats, deadline_s=budget_each)
+        return common.alternate(program_trials(setup, batch_size, logs), setup.repeats, deadline_s=budget_s), None
     except (common.CommandFailed, subprocess.TimeoutExpired, ValueError) as error:
-        return programs, f"{type(error).__name__}: {error}"
+        return {}, f"{type(error).__name__}: {error}"
     finally:
         shutil.rmtree(logs, ignore_errors=True)
-    return programs, None
-
-
-# ---------------------------------------------------------------------------- every precision name
-
-SWEPT_PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16", "fp16", "pure_bf16", "pure_fp16")
-PRECISION_LINE = re.compile(r"\| INFO \| precision (.+)$", re.M)
-LOSS_LINE = re.compile(r" loss: ([-+.\deE]+|nan|inf)")
-
-
-def precision_sweep(setup: GpuSetup) -> list[dict]:
-    """Each open_clip precision name through the training script, FastCLIP-v3 on a tiny model for a few
-    steps: did it run, what it says it ran, and its last loss (the path that casts inputs, scales fp16
-    losses and keeps the objective in float32)."""
-    logs = Path(tempfile.mkdtemp(prefix="gpu-precision-"))
-    rows = []
-    try:
-        for name in SWEPT_PRECISIONS:
-            argv = ["--dataset-type", "synthetic", "--train-num-samples", "64", "--model", "ViT-Tiny-32px",
-                    "--batch-size", "16", "--workers", "0", "--precision", name, "--device", setup.device,
-                    "--epochs", "1", "--warmup", "1", "--log-every-n-steps", "1", "--save-frequency", "0",
-                    "--logs", str(logs), "--name", name, "--data_size", "64", *common.FASTCLIP_V3_FLAGS]
-            done = subprocess.run(common.fastclip_train_command(argv), capture_output=True, text=True,
-                                  timeout=RUN_TIMEOUT_S)
-            output = done.stdout + done.stderr
-            effective = PRECISION_LINE.search(output)
-            losses = LOSS_LINE.findall(output)
-            rows.append({"precision": name, "rc": done.returncode, "effective": effective[1] if effective else "",
-                         "last_loss": losses[-1] if losses else "", "error": "" if done.returncode == 0 else
-                         output.strip().splitlines()[-1][:300]})
-    finally:
-        shutil.rmtree(logs, ignore_errors=True)
-    return rows
-
-
-def precision_table(rows: list[dict]) -> str:
-    lines = ["| --precision | exit | effective precision | last loss | error |", "|---|---|---|---|---|"]
-    lines += [f"| {r['precision']} | {r['rc']} | {r['effective']} | {r['last_loss']} | {r['error']} |" for r in rows]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ the step, in process
@@ -175,19 +141,17 @@ class StepVariant:
     cudnn_benchmark: bool = False
 
 
-VARIANTS = (
-    StepVariant("ours OpenCLIP", common.OPENCLIP_FLAGS),
-    StepVariant("ours FastCLIP-v3", common.FASTCLIP_V3_FLAGS),
-    StepVariant("ours FastCLIP-v3 + cudnn.benchmark", common.FASTCLIP_V3_FLAGS, cudnn_benchmark=True),
-)
+OPENCLIP = StepVariant("ours OpenCLIP", common.OPENCLIP_FLAGS)
+FASTCLIP_V3 = StepVariant("ours FastCLIP-v3", common.FASTCLIP_V3_FLAGS)
+FASTCLIP_V3_CUDNN = StepVariant("ours FastCLIP-v3 + cudnn.benchmark", common.FASTCLIP_V3_FLAGS, cudnn_benchmark=True)
 
 
-def build_trainer(setup: GpuSetup, variant: StepVariant, batch_size: int,
+def build_trainer(model: str, precision: str, device: str, variant: StepVariant, batch_size: int,
                   data_size: int) -> tuple[Trainer, ModelBundle]:
     """Our engine wired as training/main.py wires it for one process (`ranks.build_engine`), from the same flags."""
     config = Config.from_args(parse_args([
-        "--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", setup.model,
-        "--batch-size", str(batch_size), "--precision", setup.precision, "--device", setup.device,
+        "--dataset-type", "synthetic", "--train-num-samples", str(data_size), "--model", model,
+        "--batch-size", str(batch_size), "--precision", precision, "--device", device,
         "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", *variant.flags]))
     return build_engine(config, init_distributed(config.run.device))
 
@@ -261,19 +225,25 @@ def time_steps(device: torch.device, step: Callable[[], None], iters: int) -> fl
     return (time.perf_counter() - start) / iters
 
 
+def engine_steps(trainer: Trainer, batches: Iterator[dict]) -> Callable[[object], None]:
+    """One engine step per call, as the epoch loop runs it: the learning rates, then `train_step`."""
+    global_step = itertools.count()
+
+    def step(_: object = None) -> None:
+        trainer.set_learning_rates(next(global_step))
+        trainer.train_step([next(batches)])
+
+    return step
+
+
 def measure_step(setup: GpuSetup, variant: StepVariant, batch_size: int) -> dict:
     """Samples/s and peak memory of the engine step alone, then its synchronisations."""
     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
     data_size = 100 * batch_size
-    trainer, bundle = build_trainer(setup, variant, batch_size, data_size)
+    trainer, bundle = build_trainer(setup.model, setup.precision, setup.device, variant, batch_size, data_size)
     device = trainer.device
     batches = resident_batches(bundle, device, batch_size, data_size)
-    global_step = itertools.count()
-
-    def engine_step(_: object = None) -> None:
-        step = next(global_step)
-        trainer.set_learning_rates(step)
-        trainer.train_step([next(batches)])
+    engine_step = engine_steps(trainer, batches)
 
     def forward() -> tuple[dict, dict]:
         batch = next(batches)
@@ -285,21 +255,32 @@ def measure_step(setup: GpuSetup, variant: StepVariant, batch_size: int) -> dict
         with trainer.precision.autocast(device):
             losses = trainer.objective(out["image_features"], out["text_features"], out["logit_scale"],
                                        batch["index"])
-        sum(losses.values()).backward()
+        trainer.stepper.backward(sum(losses.values()))
         trainer.optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = time_steps(device, engine_step, setup.step_iters)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    result = {
+    return {
         "samples_per_s": batch_size / seconds,
         "peak_allocated_gib": peak,
         "engine_step": count_syncs(device, engine_step, setup.sync_steps),
         "objective_backward": count_syncs(device, objective_and_backward, setup.sync_steps, prepare=forward),
         "non_finite_step": non_finite_step(trainer, batches),
     }
-    return result
+
+
+def measure_steps(setup: GpuSetup, variants: Sequence[StepVariant], batch_size: int) -> dict[int, dict[str, dict]]:
+    """`measure_step` of each variant, each one's model and optimizer freed before the next is built, so
+    that peaks do not add up."""
+    results = {}
+    for variant in variants:
+        results[variant.name] = measure_step(setup, variant, batch_size)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {batch_size: results}
 
 
 def non_finite_step(trainer: Trainer, batches: Iterator[dict]) -> dict:
@@ -315,25 +296,60 @@ def non_finite_step(trainer: Trainer, batches: Iterator[dict]) -> dict:
             "weights_unchanged": unchanged, "counted": counted}
 
 
-def run_steps(setup: GpuSetup) -> dict[int, dict[str, dict]]:
-    """Every variant at every batch size (one measurement each: in process there is little noise).
-
-    Each variant's model and optimizer are freed before the next is built, so peaks do not add up.
-    """
-    results: dict[int, dict[str, dict]] = {}
-    for batch_size in setup.batch_sizes:
-        for variant in VARIANTS:
-            results.setdefault(batch_size, {})[variant.name] = measure_step(setup, variant, batch_size)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return results
-
-
 def calibrate(device: torch.device) -> dict:
     """Both counters on one known synchronisation (`.item()`): each should report 1."""
     value = torch.ones(1, device=device)
     return count_syncs(device, lambda _: value.item(), steps=1)
+
+
+# ----------------------------------------------------------------------- CUDA, NCCL, every precision
+
+
+def one_rank_group(setup: GpuSetup) -> dict:
+    """A process group of one rank (NCCL on a GPU, gloo on the CPU): its collectives, then one FastCLIP-v3
+    step through DDP, whose gradient all-reduce runs on that group."""
+    device = torch.device(setup.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{common.free_port()}", rank=0, world_size=1)
+    try:
+        values = torch.arange(4.0, device=device)
+        dist.all_reduce(values)
+        gathered = [torch.empty_like(values)]
+        dist.all_gather(gathered, values)
+        dist.broadcast(values, src=0)
+        trainer, bundle = build_trainer(setup.tiny_model, "auto", setup.device, FASTCLIP_V3, setup.tiny_batch, 64)
+        trainer.model = wrap_ddp(trainer.model, DistEnv(device=device))
+        trainer.set_learning_rates(0)
+        losses = trainer.train_step([next(resident_batches(bundle, device, setup.tiny_batch, 64))])
+        return {"backend": backend, "collectives": bool(torch.equal(gathered[0], values)),
+                "ddp_step_loss": float(losses["loss"]), "error": ""}
+    except Exception as error:  # noqa: BLE001 - the report says what failed; the next checks still run
+        return {"backend": backend, "error": f"{type(error).__name__}: {error}"[:400]}
+    finally:
+        dist.destroy_process_group()
+
+
+def precision_steps(setup: GpuSetup, name: str) -> dict:
+    """A few FastCLIP-v3 steps (the seed's flags, step_thresh included) at `--precision name` on a tiny model,
+    the synchronisations of one counted: did it run, what it ran, its last loss, whether the weights moved,
+    how many steps were skipped, the loss scale."""
+    device = torch.device(setup.device)
+    try:
+        trainer, bundle = build_trainer(setup.tiny_model, name, setup.device, FASTCLIP_V3, setup.tiny_batch, 64)
+        batches = resident_batches(bundle, device, setup.tiny_batch, 64)
+        step = engine_steps(trainer, batches)
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        for _ in range(2):
+            step()
+        syncs = count_syncs(device, step, steps=1)
+        losses = trainer.train_step([next(batches)])
+        return {"precision": name, "ran": True, "effective": trainer.precision.describe(),
+                "last_loss": float(losses["loss"]),
+                "weights_moved": any(not torch.equal(p, w) for p, w in zip(trainer.model.parameters(), weights)),
+                "skipped_steps": int(trainer.guard.total), "loss_scale": trainer.stepper.state_dict().get("scale"),
+                "sync_warnings": syncs["sync_warnings"], "sync_calls": syncs["sync_calls"], "error": ""}
+    except Exception as error:  # noqa: BLE001 - one name failing must not hide the others
+        return {"precision": name, "ran": False, "error": f"{type(error).__name__}: {error}"[:400]}
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -366,64 +382,118 @@ def sync_examples(steps: dict[int, dict[str, dict]]) -> str:
     return "\n".join(sorted(lines)) or "- none flagged"
 
 
-def report(setup: GpuSetup, programs: dict[int, common.Runs], error: str | None,
-           steps: dict[int, dict[str, dict]], calibration: dict, smoke: bool, info: dict,
-           precisions: list[dict]) -> Path:
-    parts = []
-    if smoke:
-        parts.append("**--cpu-smoke: no GPU; tiny model on the CPU, one repetition. The numbers only show "
-                     "that the code paths run.**")
-    if error:
-        parts.append(f"**The program runs stopped on an error:**\n\n```\n{error[-3000:]}\n```")
-    parts.append(
+def steps_text(setup: GpuSetup, steps: dict[int, dict[str, dict]]) -> str:
+    return "\n\n".join([
+        f"Step alone, in process: {setup.model}, `--precision {setup.precision}`, our engine's step on a batch "
+        f"resident on the device, {setup.step_iters} timed steps after 3 untimed ones. Synchronisations per step "
+        f"over {setup.sync_steps} steps: `torch.cuda.set_sync_debug_mode('warn')` warnings, and profiled "
+        f"{', '.join(SYNC_CALLS)} calls (less an empty step's). 'objective+backward' excludes the forward; "
+        "'engine step' is `set_learning_rates` + `train_step` (optimizer included).",
+        steps_table(steps), "Synchronising calls flagged:\n\n" + sync_examples(steps)])
+
+
+def precision_table(rows: list[dict]) -> str:
+    headers = ["--precision", "ran", "effective precision", "last loss", "weights moved", "skipped steps",
+               "loss scale", "syncs (warn)", "(profiler)", "error"]
+    return common.markdown_table(headers, [[
+        r["precision"], "yes" if r["ran"] else "NO", r.get("effective", ""), _fmt(r.get("last_loss"), 4),
+        str(r.get("weights_moved", "")), str(r.get("skipped_steps", "")), str(r.get("loss_scale") or "-"),
+        _fmt(r.get("sync_warnings")), _fmt(r.get("sync_calls")), r["error"]] for r in rows])
+
+
+def smoke_text(setup: GpuSetup, group: dict, precisions: list[dict], steps: dict[int, dict[str, dict]],
+               calibration: dict) -> str:
+    group_line = (f"Process group of one rank ({group['backend']}): " + (
+        f"collectives {'ok' if group['collectives'] else 'WRONG'}, a FastCLIP-v3 step through DDP: loss "
+        f"{group['ddp_step_loss']:.4f}." if not group["error"] else f"FAILED: `{group['error']}`"))
+    return "\n\n".join([
+        group_line,
+        f"Every precision name: FastCLIP-v3 (the seed's flags) on {setup.tiny_model}, batch {setup.tiny_batch}, "
+        "a few steps, the synchronisations of one counted. A skipped step with loss scaling is the scale "
+        "finding its level (it halves).",
+        precision_table(precisions),
+        steps_text(setup, steps),
+        f"Calibration, one `tensor.item()`: {_fmt(calibration['sync_warnings'])} (warn), "
+        f"{_fmt(calibration['sync_calls'])} (profiler); 1 and 1 mean both counters see every such call."])
+
+
+def programs_text(setup: GpuSetup, programs: dict[int, common.Runs], errors: dict[int, str]) -> str:
+    parts = [
         f"Programs: {setup.model}, synthetic data, `--precision {setup.precision}`, 1 process, "
         f"{setup.workers} loader workers, {setup.steps} steps per run, alternating repetitions (a time budget "
         f"of {setup.budget_s:.0f} s may leave fewer than {setup.repeats}: see n). Samples/s: steady state "
         f"from the programs' log lines (windows that begin before step {setup.log_every} dropped); peak "
         "memory: `torch.cuda.max_memory_allocated()` at exit. open_clip_train's share of step time "
-        "waiting for data is in the JSON (`data_wait_frac`).")
+        "waiting for data is in the JSON (`data_wait_frac`)."]
+    for batch_size, error in errors.items():
+        parts.append(f"**Batch {batch_size}: the program runs stopped on an error:**\n\n```\n{error[-3000:]}\n```")
     for batch_size, runs in programs.items():
-        if not runs[BASELINE]:
+        if not runs.get(BASELINE):
             continue
         parts.append(f"Batch {batch_size}, samples/s:")
         parts.append(common.comparison_table(runs, "samples_per_s", BASELINE, "samples/s"))
         if any("peak_allocated_gib" in m for m in runs[BASELINE]):
             parts.append(f"Batch {batch_size}, peak CUDA memory allocated:")
             parts.append(common.comparison_table(runs, "peak_allocated_gib", BASELINE, "GiB", digits=2))
-    parts.append(
-        f"Step alone, in process: our engine's step on a batch resident on the device, {setup.step_iters} timed "
-        "steps after 3 untimed ones. Synchronisations per step over "
-        f"{setup.sync_steps} steps: `torch.cuda.set_sync_debug_mode('warn')` warnings, and profiled "
-        f"{', '.join(SYNC_CALLS)} calls (less an empty step's). 'objective+backward' excludes the forward; "
-        "'engine step' is `set_learning_rates` + `train_step` (optimizer included).")
-    parts.append(steps_table(steps))
-    parts.append(f"Calibration, one `tensor.item()`: {_fmt(calibration['sync_warnings'])} (warn), "
-                 f"{_fmt(calibration['sync_calls'])} (profiler); 1 and 1 mean both counters see every such call.")
-    parts.append("Synchronising calls flagged:\n\n" + sync_examples(steps))
-    parts.append("Every precision name, FastCLIP-v3 on ViT-Tiny-32px, 4 steps of batch 16 through the training "
-                 "script:\n\n" + precision_table(precisions))
-    raw = {"setup": asdict(setup), "smoke": smoke, "programs": programs, "error": error, "steps": steps,
-           "calibration": calibration, "precisions": precisions}
-    return common.write_report("gpu", "GPU throughput, memory and synchronisations vs open_clip_train",
-                               "\n\n".join(parts), raw, info)
+    return "\n\n".join(parts)
+
+
+def write(section: str, out: Path, text: str, raw: dict, info: dict, smoke: bool) -> Path:
+    """The section's report, DIR/gpu_SECTION.md and .json."""
+    if smoke:
+        text = ("**--cpu-smoke: no GPU; tiny model on the CPU, one repetition. The numbers only show that the "
+                "code paths run.**\n\n" + text)
+    return common.write_report(f"gpu_{section}", f"GPU check: {section}", text, {"smoke": smoke, **raw}, info,
+                               out_dir=out)
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def smoke_section(setup: GpuSetup, out: Path, info: dict, smoke: bool) -> Path:
+    group = one_rank_group(setup)
+    precisions = [precision_steps(setup, name) for name in PRECISIONS if name != "auto"]
+    for row in precisions:
+        print(f"precision {row['precision']}: {'ran' if row['ran'] else 'FAILED ' + row['error']}", flush=True)
+    steps = measure_steps(setup, (OPENCLIP, FASTCLIP_V3), setup.batch_sizes[0])
+    calibration = calibrate(torch.device(setup.device))
+    raw = {"setup": asdict(setup), "process_group": group, "precisions": precisions, "steps": steps,
+           "calibration": calibration}
+    return write("smoke", out, smoke_text(setup, group, precisions, steps, calibration), raw, info, smoke)
+
+
+def programs_section(setup: GpuSetup, out: Path, info: dict, smoke: bool) -> Path:
+    """Batch by batch, the report rewritten after each, so that a time-out keeps the batch sizes done."""
+    programs: dict[int, common.Runs] = {}
+    errors: dict[int, str] = {}
+    for batch_size in setup.batch_sizes:
+        programs[batch_size], error = run_programs(setup, batch_size, setup.budget_s / len(setup.batch_sizes))
+        if error:
+            errors[batch_size] = error
+        path = write("programs", out, programs_text(setup, programs, errors),
+                     {"setup": asdict(setup), "programs": programs, "errors": errors}, info, smoke)
+    return path
+
+
+def steps_section(setup: GpuSetup, out: Path, info: dict, smoke: bool) -> Path:
+    steps = measure_steps(setup, (OPENCLIP, FASTCLIP_V3, FASTCLIP_V3_CUDNN), setup.batch_sizes[-1])
+    return write("steps", out, steps_text(setup, steps), {"setup": asdict(setup), "steps": steps}, info, smoke)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("section", choices=SECTIONS)
     parser.add_argument("--cpu-smoke", action="store_true", help="no GPU: run the code paths on a tiny CPU setup")
-    parser.add_argument("--skip-programs", action="store_true", help="only the in-process step measurements")
+    parser.add_argument("--out", type=Path, default=common.OUT_DIR / "gpu", help="where the reports go")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; use --cpu-smoke to check the code paths on the CPU")
     setup = SMOKE if args.cpu_smoke else GPU
     info, started = common.machine(), time.perf_counter()
-    precisions = precision_sweep(setup)  # first: the mixed-precision paths have never run on a GPU
-    steps = run_steps(setup)  # a minute that yields results even if a program run fails
-    calibration = calibrate(torch.device(setup.device))
-    programs, error = ({}, None) if args.skip_programs else run_programs(setup)
-    path = report(setup, programs, error, steps, calibration, args.cpu_smoke, info, precisions)
+    run = {"smoke": smoke_section, "programs": programs_section, "steps": steps_section}[args.section]
+    path = run(setup, args.out, info, args.cpu_smoke)
     print(path.read_text())
-    print(f"gpu_bench: {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"gpu_bench {args.section}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

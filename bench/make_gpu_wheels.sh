@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download, here, the pure-Python wheels that the GPU machine lacks (it has torch, torchvision, timm,
 # regex, tqdm, huggingface_hub, safetensors, numpy, pyyaml, but no open_clip_torch, webdataset,
-# braceexpand, ftfy or wcwidth), at the versions of this project's virtualenv, for `WHEELS=dir bench/gpu.sh`.
+# braceexpand, ftfy or wcwidth), at the versions of this project's virtualenv, for bench/gpu.sh (which installs
+# them from bench/.deps/wheels: name that folder in the device tool's carry).
 #   bench/make_gpu_wheels.sh [DEST]      # DEST defaults to bench/.deps/wheels
 # GPU_PYTHON (default 3.12, the GPU image's) picks the interpreter version the wheels are for.
 set -euo pipefail

@@ -100,6 +100,7 @@ TIERS = {
     "multiprocess": "starts several gloo processes (torch.multiprocessing.spawn)",
     "launcher": "starts the training script through torchrun, srun-style variables or the slurm scripts",
     "e2e": "trains through the training script (or the demo, or a console script) end to end",
+    "fake_cuda": "the GPU step on a fake CUDA device at the objective x precision pairs `make test-fast` leaves out",
 }
 # test file, or file::test-name prefix -> tier (the first match counts)
 TIER_OF = {
@@ -141,6 +142,8 @@ TIER_OF = {
     "test_index.py::test_index_of_img2dataset": "e2e",
     "test_index.py::test_fastclip_v3_trains": "e2e",
     "test_distributed_eval.py::test_results_rows": "e2e",
+    # fake_cuda: the rest of the objective x precision matrix (about a minute); test-fast runs a subset
+    "test_fake_cuda.py::test_nor_at_any_other_objective_and_precision": "fake_cuda",
 }
 
 

@@ -208,11 +208,16 @@ def test_gamma_schedules(decay_epochs):
 
 
 def test_tau_lr_step_thresh_follows_tau_at_every_step():
-    """1/3 of the base rate at every step whose tau is <= 0.03, back to the base rate above it."""
+    """1/3 of the base rate at every step whose tau is <= 0.03, back to the base rate above it; decided where
+    tau is, compared as the host compares a float whatever tau's type."""
     schedule = TauLrSchedule("step_thresh", base_lr=2e-4, warmup_steps=10, total_steps=100)
     taus = [0.07, 0.0301, 0.03, 0.02, 0.05, 0.03, 0.031]
     expected = [2e-4, 2e-4, 2e-4 / 3, 2e-4 / 3, 2e-4, 2e-4 / 3, 2e-4]  # no warmup
-    assert [schedule(step, tau) for step, tau in enumerate(taus)] == pytest.approx(expected)
+    rates = [schedule(step, torch.tensor(tau, dtype=torch.float64)) for step, tau in enumerate(taus)]
+    assert [float(rate) for rate in rates] == pytest.approx(expected, rel=1e-15)
+    above = torch.tensor(0.03, dtype=torch.bfloat16)  # 0.030029...: compared in bfloat16, 0.03 would round to it
+    below = torch.tensor(0.03, dtype=torch.float32)  # 0.0299999993
+    assert (float(schedule(0, above)), float(schedule(0, below))) == pytest.approx((2e-4, 2e-4 / 3), rel=1e-15)
 
 
 def test_runs_too_short_for_u_or_the_temperature_are_warned_about():

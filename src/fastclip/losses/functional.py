@@ -14,6 +14,7 @@ shift_i = log(u_i + eps) on the anchor's scale, so no exponential of d alone is 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -63,10 +64,10 @@ def masked(differences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def log_estimator(differences: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """log g_i = log(1/(m-1) * sum_{j != i} exp(d_ij)), detached, by log-sum-exp (finite at any tau)."""
-    return torch.logsumexp(masked(differences.detach(), mask), dim=-1) - torch.log(
-        torch.tensor(batch_size - 1, dtype=differences.dtype, device=differences.device)
-    )
+    """log g_i = log(1/(m-1) * sum_{j != i} exp(d_ij)), detached, by log-sum-exp (finite at any tau).
+
+    log(m - 1) is a Python number: a tensor built from it would be a copy from the host in every step."""
+    return torch.logsumexp(masked(differences.detach(), mask), dim=-1) - math.log(batch_size - 1)
 
 
 def candidate_weights(differences: torch.Tensor, shift: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -83,18 +83,20 @@ class Trainer:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
 
     def __post_init__(self) -> None:
-        self.stepper = SkippingStep(self.device, self.precision.grad_scaler, self.precision.float16_weights)
+        self.stepper = SkippingStep(self.optimizer, self.device, self.precision.loss_scaling)
         self.guard = NonFiniteGuard(self.device, self.max_bad_steps)
         self.timer = StepTimer(self.device, self.profile)
 
-    def temperature(self) -> float:
-        return float(1.0 / unwrap(self.model).logit_scale.detach().exp())
+    def temperature(self) -> torch.Tensor:
+        """The model's tau, a device scalar (read by the host only on a log line)."""
+        return 1.0 / unwrap(self.model).logit_scale.detach().exp()
 
     def set_learning_rates(self, step: int) -> None:
         lr = self.lr_schedule(step)
-        tau = self.temperature() if self.tau_schedule.reads_temperature else math.nan
+        tau = self.temperature() if self.tau_schedule.reads_temperature else None
+        tau_lr = self.stepper.learning_rate(self.tau_schedule(step, tau))  # a device tensor for step_thresh
         for group in self.optimizer.param_groups:
-            group["lr"] = self.tau_schedule(step, tau) if group.get("name") == "temperature" else lr
+            group["lr"] = tau_lr if group.get("name") == "temperature" else lr
 
     def train_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over `batches` (`--accum-freq` of them, usually one)."""
@@ -102,17 +104,33 @@ class Trainer:
         self.timer.lap("data")
         self.optimizer.zero_grad(set_to_none=True)
         if len(inputs) == 1:
-            losses = self._forward_backward(*inputs[0])
+            losses = self.forward(*inputs[0])
+            self.stepper.backward(losses["loss"])
         else:
             losses = self._accumulated_forward_backward(inputs)
-        self.stepper.unscale(self.optimizer)
         self.timer.lap("backward")
-        grad_norm = self._gradient_norm()
-        self.guard.record(grad_norm)
-        self.stepper.step(self.optimizer, grad_norm)  # left out when a gradient is not finite
-        clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
+        self.guard.record(self.update())
         self.timer.lap("optimizer")
         return {k: v.detach() for k, v in losses.items()}
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model and the objective on a batch already on the device (its per-sample state updated):
+        a step's device work before backward."""
+        with self.precision.autocast(self.device):
+            out = self.model(images, texts)
+            self.timer.lap("forward")
+            losses = self._losses(out, out["image_features"], out["text_features"], index)
+        self.timer.lap("objective")
+        return losses
+
+    def update(self) -> torch.Tensor:
+        """A step's device work after backward: the gradient norm (clipped to --grad-clip-norm), the optimizer
+        step, left out on the device when a gradient is not finite, the logit scale's clamp. Returns the norm."""
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self.stepper.gradient_norm(parameters, self.grad_clip_norm)
+        self.stepper.step(self.optimizer, grad_norm)
+        clamp_logit_scale(self.model, MAX_LOGIT_SCALE)
+        return grad_norm
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images in the model's input type (bf16/fp16 weights take bf16/fp16 images), texts, indices."""
@@ -124,15 +142,6 @@ class Trainer:
                 index: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = self.objective(image_features, text_features, out["logit_scale"], index, out.get("logit_bias"))
         return {"loss": sum(losses.values()), **losses}
-
-    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor, index: torch.Tensor) -> dict:
-        with self.precision.autocast(self.device):
-            out = self.model(images, texts)
-            self.timer.lap("forward")
-            losses = self._losses(out, out["image_features"], out["text_features"], index)
-        self.timer.lap("objective")
-        self.stepper.backward(losses["loss"])
-        return losses
 
     def _accumulated_forward_backward(self, inputs: list[tuple[torch.Tensor, ...]]) -> dict:
         """open_clip's gradient accumulation: the loss of the whole accumulated batch, its gradient
@@ -167,13 +176,6 @@ class Trainer:
         """DDP's no_sync for all but the last micro-batch; nothing to do without DDP."""
         no_sync = getattr(self.model, "no_sync", None)
         return contextlib.nullcontext() if enabled or no_sync is None else no_sync()
-
-    def _gradient_norm(self) -> torch.Tensor:
-        """The total gradient norm (clipping to --grad-clip-norm when set), a device tensor."""
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        if self.grad_clip_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in parameters])
 
     def train_epoch(self, loader: Iterable[dict], progress: Progress, steps_per_epoch: int, total_steps: int,
                     hook: StepHook | None = None) -> bool:

@@ -1,9 +1,10 @@
 """Non-finite steps: skipped on the device, counted on the device, read by the host a step late.
 
-A step whose gradients hold NaN or inf never reaches the weights (`SkippingStep`). The gradients are
-all-reduced before the check, so every rank skips the same steps. The per-sample state of such a step is not stored either (see
-`ShardedState.store`). Counting happens in device tensors; the host learns the count of consecutive
-bad steps through a non-blocking copy that it reads once it has arrived, so no step waits for the GPU.
+A step whose gradients hold NaN or inf never reaches the weights (`SkippingStep`), which also owns float16's
+loss scaling (`LossScale`). The gradients are all-reduced before the check, so every rank skips the same
+steps. The per-sample state of such a step is not stored either (see `ShardedState.store`). Counting
+happens in device tensors; the host learns the count of consecutive bad steps through a non-blocking copy
+that it reads once it has arrived, so no step waits for the GPU.
 """
 
 from __future__ import annotations
@@ -86,42 +87,98 @@ class NonFiniteGuard:
         self.total.fill_(int(state.get("total", 0)))
 
 
-class SkippingStep:
-    """The optimizer step, left out when the gradients are not finite; no host synchronisation on GPUs.
+class LossScale:
+    """Dynamic loss scaling for float16 computation: a device scalar the loss is multiplied by, halved after a
+    step with non-finite gradients and doubled after `growth_interval` finite ones in a row (GradScaler's rule,
+    through its kernel `torch._amp_update_scale_`); the host never reads it during training."""
 
-    On CUDA (and whenever fp16 needs loss scaling) the step goes through a `torch.amp.GradScaler`:
-    its unscale finds non-finite gradients on the device and the fused AdamW skips itself on that flag.
-    The scale stays at 1 unless fp16 loss scaling is on. On the CPU reading a flag costs nothing, so the
-    step is simply not called, and no scaler pass over the gradients is spent. Float16 weights
-    (`float16_weights`) have float16 gradients, which a GradScaler cannot unscale: their step is checked
-    on the host, as on the CPU.
-    """
+    def __init__(self, device: torch.device, initial: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.scale = torch.full((), initial, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
 
-    def __init__(self, device: torch.device, loss_scaling: bool, float16_weights: bool = False) -> None:
-        self.loss_scaling = loss_scaling
-        usable = not float16_weights and (loss_scaling or device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if loss_scaling else 1.0) \
-            if usable else None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients at their true scale (before clipping or measuring them)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
-        if self.scaler is None:
-            if bool(torch.isfinite(grad_norm)):
-                optimizer.step()
-            return
-        self.scaler.step(optimizer)
-        self.scaler.update(None if self.loss_scaling else 1.0)
+    def update(self, found_inf: torch.Tensor) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, 2.0, 0.5, self.growth_interval)
 
     def state_dict(self) -> dict:
-        return {} if self.scaler is None else self.scaler.state_dict()
+        """GradScaler's keys, so that the checkpoints of earlier versions load."""
+        return {"scale": float(self.scale), "_growth_tracker": int(self.growth_tracker)}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
+        if state:
+            self.scale.fill_(state["scale"])
+            self.growth_tracker.fill_(state.get("_growth_tracker", 0))
+
+
+def gradient_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
+    """The total 2-norm, accumulated and returned in float32: a float16 norm overflows at 65504, which a
+    scaled float16 gradient reaches in its first step."""
+    norms = torch._foreach_norm(gradients, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def takes_device_flags(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step reads a found-inf flag, a gradient scale and tensor learning rates on the
+    device (torch's fused Adam/AdamW, which the builder picks on GPUs), so that its kernel skips itself."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class SkippingStep:
+    """The optimizer step, left out when the gradients are not finite; on GPUs with no host read.
+
+    With an optimizer that takes device flags (`takes_device_flags`) the flag is computed on the device from
+    the gradient norm, and its kernel skips the step on it and divides the gradients by the loss scale, in
+    float32: any gradient type, no pass over the gradients of its own, no host read. No GradScaler is used:
+    its unscale kernel on CUDA takes float32, float64 and float16 gradients only (bfloat16 weights stopped at
+    the first step, pytorch/pytorch#127176) and its `unscale_` refuses float16 ones. With other optimizers
+    (the CPU's default AdamW, timm's) a loss-scaled gradient is unscaled in place and the host reads the
+    flag and leaves the step out: one read per step, which costs nothing on the CPU.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, loss_scaling: bool) -> None:
+        self.on_device = takes_device_flags(optimizer)
+        self.loss_scale = LossScale(device) if loss_scaling else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.loss_scale is None else loss * self.loss_scale.scale).backward()
+
+    def gradient_norm(self, parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+        """The gradients' total norm at their true scale, a float32 device scalar; with `max_norm`, the
+        gradients are clipped to it."""
+        gradients = [p.grad for p in parameters if p.grad is not None]
+        if self.loss_scale is not None and not self.on_device:
+            torch._foreach_mul_(gradients, self.loss_scale.scale.double().reciprocal().float())
+        norm = gradient_norm(gradients)
+        if self.loss_scale is not None and self.on_device:  # the optimizer's kernel divides them by the scale
+            norm = norm / self.loss_scale.scale
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        return norm
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        if self.on_device:
+            optimizer.grad_scale = None if self.loss_scale is None else self.loss_scale.scale
+            optimizer.found_inf = found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not bool(found_inf):
+            optimizer.step()
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_inf)
+
+    def learning_rate(self, value: float | torch.Tensor) -> float | torch.Tensor:
+        """A learning rate as the optimizer takes it: a device tensor (float32, the fused kernels' type) where
+        its step reads it on the device; elsewhere a float, read on the host."""
+        if not torch.is_tensor(value):
+            return value
+        return value.float() if self.on_device else float(value)
+
+    def state_dict(self) -> dict:
+        return {} if self.loss_scale is None else self.loss_scale.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state)

@@ -3,16 +3,18 @@
 | name | weights | inputs | autocast | loss scaling |
 |---|---|---|---|---|
 | fp32 | float32 | float32 | none | no |
-| amp | float32 | float32 | float16 | yes (GradScaler) |
+| amp | float32 | float32 | float16 | yes |
 | amp_bf16, amp_bfloat16 | float32 | float32 | bfloat16 | no |
-| bf16, fp16 | open_clip's low-precision weights (LayerNorm, logit scale in float32) | that type | none | no |
-| pure_bf16, pure_fp16 | every parameter in that type | that type | none | no |
+| bf16 | open_clip's low-precision weights (LayerNorm, logit scale in float32) | bfloat16 | none | no |
+| fp16 | open_clip's low-precision weights (LayerNorm, logit scale in float32) | float16 | none | yes |
+| pure_bf16, pure_fp16 | every parameter in that type | that type | none | pure_fp16 only |
 
-This is open_clip_train's table, on the CPU too: `amp` there is float16 autocast with a CPU GradScaler,
-as the name says (and slow: the start-up log says so). `auto` is float32 on the CPU and amp (bf16
-where supported) on a GPU. Weights stored in float16 cannot go through a GradScaler (it refuses to
-unscale float16 gradients), so bf16/fp16/pure_* train without loss scaling, as in open_clip_train.
-The objectives compute their sums in float32 whatever the precision (`losses.functional`).
+This is open_clip_train's table, on the CPU too (`amp` there is float16 autocast, as the name says, and
+slow: the start-up log says so), with one change: float16 weights are trained with loss scaling, which
+open_clip_train leaves out because torch's GradScaler refuses float16 gradients; here the optimizer step
+scales (`guard.SkippingStep`), so small float16 gradients do not flush to zero. `auto` is float32 on the
+CPU and amp (bf16 where supported) on a GPU. The objectives compute their sums in float32 whatever the
+precision (`losses.functional`).
 """
 
 from __future__ import annotations
@@ -36,17 +38,12 @@ class Precision:
     name: str
     autocast_dtype: torch.dtype | None  # None: no autocast
     model_dtype: str  # open_clip's create_model precision: fp32, bf16, fp16, pure_bf16 or pure_fp16
-    grad_scaler: bool  # float16 autocast needs loss scaling
+    loss_scaling: bool  # float16 computation (autocast or weights) needs it
 
     @property
     def input_dtype(self) -> torch.dtype:
         """The type images are cast to before the model (the type of its low-precision weights)."""
         return _LOW[self.model_dtype.removeprefix("pure_")] if self.model_dtype != "fp32" else torch.float32
-
-    @property
-    def float16_weights(self) -> bool:
-        """Weights stored in float16, whose gradients a GradScaler refuses to unscale."""
-        return self.model_dtype in ("fp16", "pure_fp16")
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -62,7 +59,7 @@ class Precision:
         else:
             weights = f"{_TYPE_NAMES[self.input_dtype]} weights (LayerNorm and logit scale float32)"
         compute = f"{_TYPE_NAMES[self.autocast_dtype]} autocast" if self.autocast_dtype else "no autocast"
-        scaling = "loss scaling" if self.grad_scaler else "no loss scaling"
+        scaling = "loss scaling" if self.loss_scaling else "no loss scaling"
         return f"{self.name}: {weights}, {_TYPE_NAMES[self.input_dtype]} inputs, {compute}, {scaling}"
 
 
@@ -83,7 +80,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name in ("amp_bf16", "amp_bfloat16"):
         return Precision(name, torch.bfloat16, "fp32", False)
     if name in ("bf16", "fp16", "pure_bf16", "pure_fp16"):
-        return Precision(name, None, name, False)
+        return Precision(name, None, name, name.endswith("fp16"))
     raise PrecisionError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
 
 

@@ -1,13 +1,16 @@
 """Learning-rate, temperature-learning-rate and inner-learning-rate (gamma) schedules.
 
-Every schedule is a plain function of the global step (or epoch) so that a resumed run recomputes
-exactly the value it would have had; none keeps state, so none is checkpointed.
+Every schedule is a plain function of the global step (or epoch; step_thresh also of the temperature)
+so that a resumed run recomputes exactly the value it would have had; none keeps state, so none is
+checkpointed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 
 def cosine_lr(base_lr: float, warmup_steps: int, total_steps: int, step: int) -> float:
@@ -87,14 +90,19 @@ class TauLrSchedule:
 
     @property
     def reads_temperature(self) -> bool:
-        """Only step_thresh looks at tau; the engine reads it (a host sync on GPU) only then."""
+        """Only step_thresh looks at tau."""
         return self.kind == "step_thresh"
 
-    def __call__(self, step: int, tau: float) -> float:
+    def __call__(self, step: int, tau: torch.Tensor | None = None) -> float | torch.Tensor:
+        """The rate at `step`. step_thresh's is decided on tau's device, from the temperature `tau` before the
+        step, and returned there as a float64 scalar tensor: reading tau on the host would make every step
+        wait for the GPU. tau is compared in float64, as a Python float would be, whatever its own type."""
         if self.kind == "const":
             return self.base_lr
         if self.kind == "step_thresh":
-            return self.base_lr * (self.factor if tau <= self.threshold else 1.0)
+            tau = tau.detach().double()
+            lowered = torch.full_like(tau, self.base_lr * self.factor)
+            return torch.where(tau <= self.threshold, lowered, self.base_lr)
         if self.kind == "cosine":
             return cosine_lr(self.base_lr, self.warmup_steps, self.total_steps, step)
         raise ValueError(f"unknown lr_tau scheduler {self.kind!r}: use const, step_thresh or cosine")
