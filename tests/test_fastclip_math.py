@@ -241,6 +241,7 @@ def test_a_long_memory_of_u_on_small_data_is_warned_about():
     assert len(small) == 1 and small[0].startswith("--data_size 2000 pairs x 30 epochs at --gamma 0.2: ")
     for config, epochs in ((FastCLIPConfig(data_size=2_000, gamma=0.5, gamma_decay_epochs=15), 30),
                            (FastCLIPConfig(data_size=2_000, gamma=1.0, gamma_schedule="constant"), 30),
+                           (FastCLIPConfig(data_size=2_000, gamma_decay_epochs=15, clamp_u_to_g=2.0), 30),
                            (FastCLIPConfig(data_size=2_000, gamma_decay_epochs=2), 4),
                            (FastCLIPConfig(data_size=50_000, gamma_decay_epochs=15), 30)):
         assert regime_warnings(config, epochs, total_steps=10_000) == []

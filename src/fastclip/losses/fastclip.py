@@ -79,11 +79,11 @@ def regime_warnings(config: FastCLIPConfig, epochs: int, total_steps: int) -> li
     log-scale under Adam, which moves it by about --lr_tau per step at most. On a few thousand pairs over
     many epochs a few memorised hard negatives carry each g, and a long memory of u cost recall."""
     warnings = []
-    if config.data_size <= SMALL_DATA and epochs >= MANY_EPOCHS and config.gamma < 0.5:
+    if config.data_size <= SMALL_DATA and epochs >= MANY_EPOCHS and config.gamma < 0.5 and config.clamp_u_to_g is None:
         warnings.append(f"--data_size {config.data_size} pairs x {epochs} epochs at --gamma {config.gamma:g}: on 2,000 "
                         "pairs x 30 epochs FastCLIP-v3 at --gamma 0.2 trailed OpenCLIP by 2.6 pp held-out R@10, tied "
-                        "it at --gamma 0.5 and led slightly at --gamma 1 --gamma_schedule constant (README: Which "
-                        "version, which flags)")
+                        "it at --gamma 0.5 or with --clamp_u_to_g 2, and led slightly at --gamma 1 --gamma_schedule "
+                        "constant (README: Which version, which flags)")
     if epochs <= 1:
         warnings.append(f"--epochs {epochs}: gamma is 1 in epoch 0, so every u is its mini-batch estimate and "
                         "FastCLIP trains like the mini-batch loss; u averages visits from epoch 1 on")
