@@ -10,7 +10,7 @@ def _requirements() -> list[str]:
 
 setup(
     name="fastclip",
-    version="0.1.0",
+    version="1.0.0",
     description="CLIP training with global contrastive losses by compositional optimisation (FastCLIP)",
     package_dir={"": "src"},
     packages=find_packages("src"),
