@@ -16,6 +16,7 @@ save from rank 0 alone; each rank saves its own `state_dict()` instead (api/stat
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Mapping, Sequence
 
@@ -215,14 +216,19 @@ class SigLIPLoss(ContrastiveLoss):
         super().__init__(SigLIPObjective(comm.rank(), comm.world_size(), dist_impl), "SigLIP")
 
 
+def _parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
 def create_loss(name: str, data_size: int | None = None, **kwargs) -> ContrastiveLoss:
-    """A loss by name: 'v0'..'v3' (or 'fastclip-v3', ...; these need `data_size`), 'openclip', 'siglip';
-    `kwargs` go to its class."""
+    """A loss by name: 'v0'..'v3' (or 'fastclip-v3', ...; these need `data_size`), 'openclip', 'siglip'.
+    `kwargs` go to its class; FastCLIP's settings are ignored by the other losses, as the training
+    script's flags are, so that one call serves every name. Any other unknown keyword is an error."""
     key = name.lower().removeprefix("fastclip-")
-    if key == "openclip":
-        return OpenCLIPLoss(**kwargs)
-    if key == "siglip":
-        return SigLIPLoss(**kwargs)
+    if key in ("openclip", "siglip"):
+        cls = OpenCLIPLoss if key == "openclip" else SigLIPLoss
+        ignored = _parameters(FastCLIPLoss) - _parameters(cls)
+        return cls(**{k: v for k, v in kwargs.items() if k not in ignored})
     if key not in VERSIONS:
         raise ValueError(f"loss {name!r}: use one of {', '.join(VERSIONS)}, openclip, siglip")
     if data_size is None:
