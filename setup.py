@@ -31,5 +31,7 @@ setup(
         "bench": ["scikit-learn", "fonttools"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # examples/accelerate_loop.py: the loss under Hugging Face Accelerate
+        "examples": ["accelerate"],
     },
 )

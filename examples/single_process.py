@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from example_utils import OUT, FashionPairs, tiny_model, zero_shot_top1
 from fastclip import create_loss
 from fastclip.distributed.threads import configure_cpu_threads
+from fastclip.train.schedules import cosine_lr
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=10, help="steps")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args()
     started = time.time()
@@ -44,12 +46,15 @@ def main() -> None:
     loss_fn = create_loss(args.loss, data_size=len(pairs), gamma_decay_epochs=max(1, args.epochs // 2), device=device)
     # FastCLIP: its groups put v3's temperature in its own group (lr_tau) and freeze it where it is not learnt
     optimizer = torch.optim.AdamW(loss_fn.param_groups(model, lr=args.lr, weight_decay=0.1), betas=(0.9, 0.98), eps=1e-6)
+    total_steps = len(loader) * args.epochs  # warmup, then cosine decay (open_clip's schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(1.0, args.warmup, total_steps, step))
     checkpoint = OUT / f"single_process_{args.loss}.pt"
     start = 0
     if args.resume:
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         loss_fn.load_state_dict(state["loss"])  # FastCLIP: every pair's u (one process: the whole table)
         start = state["epoch"]
 
@@ -61,15 +66,16 @@ def main() -> None:
                            logit_bias=out.get("logit_bias"))  # logit_bias: SigLIP's
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            loss_fn.set_temperature_lr(optimizer)  # FastCLIP-v3: lr_tau / 3 once tau <= 0.03
+            loss_fn.set_temperature_lr(optimizer)  # FastCLIP-v3: after the scheduler, lr_tau (/ 3 once tau <= 0.03)
             optimizer.step()
+            scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # tau in [0.01, 1], as open_clip_train
         values = {k: round(v, 4) for k, v in loss_fn.log_values().items()}
         print(f"epoch {epoch}: loss {loss.item():.4f} {values}", flush=True)
         OUT.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": loss_fn.state_dict(),
-                    "epoch": epoch + 1}, checkpoint)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "loss": loss_fn.state_dict(), "epoch": epoch + 1}, checkpoint)
 
     print(json.dumps({"loss": args.loss, "epochs": args.epochs, "pairs": len(pairs),
                       "zeroshot_top1": zero_shot_top1(model, eval_transform, tokenizer),
