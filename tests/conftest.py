@@ -124,6 +124,8 @@ TIER_OF = {
     "test_faults.py::test_a_stopped_rank": "multiprocess",
     "test_faults.py::test_timed_checkpoints": "multiprocess",
     "test_cli_errors.py::test_every_rank_stops": "multiprocess",
+    "test_loss_api.py::test_shards_of_two_ranks": "multiprocess",
+    "test_loss_api.py::test_fsdp_trains_as_ddp": "multiprocess",
     # e2e: whole training runs through the script, the demo or a console script
     "test_carry_over_runs.py": "e2e",
     "test_export.py": "e2e",

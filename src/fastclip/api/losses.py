@@ -41,6 +41,12 @@ PAPER_SETTINGS = {"v0": {}, "v1": {}, "v2": dict(temperature=0.03, rho=7.0, lr_t
 TEMPERATURE_LR_RULES = ("const", "step_thresh")
 
 
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's value on every rank, also where FSDP2 shards it (a DTensor: every rank gathers it)."""
+    param = param.detach()
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -123,7 +129,7 @@ class ContrastiveLoss:
             raise ValueError(f"{self.name} learns the temperature at its own lr: build the optimizer from "
                              "loss.param_groups(model, lr, weight_decay)")
         for group in groups:
-            tau = float(1.0 / group["params"][0].detach().exp()) if rule.reads_temperature else math.nan
+            tau = float(1.0 / _whole(group["params"][0]).exp()) if rule.reads_temperature else math.nan
             group["lr"] = rule(0, tau)  # its rules are per step, not over a number of steps
 
     def state_dict(self) -> dict:
