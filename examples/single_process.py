@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=10, help="steps")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the checkpoint goes")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args()
     started = time.time()
@@ -48,7 +50,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(loss_fn.param_groups(model, lr=args.lr, weight_decay=0.1), betas=(0.9, 0.98), eps=1e-6)
     total_steps = len(loader) * args.epochs  # warmup, then cosine decay (open_clip's schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(1.0, args.warmup, total_steps, step))
-    checkpoint = OUT / f"single_process_{args.loss}.pt"
+    checkpoint = args.out / f"single_process_{args.loss}.pt"
     start = 0
     if args.resume:
         state = torch.load(checkpoint, weights_only=True)
@@ -73,7 +75,7 @@ def main() -> None:
                 model.logit_scale.clamp_(0, math.log(100))  # tau in [0.01, 1], as open_clip_train
         values = {k: round(v, 4) for k, v in loss_fn.log_values().items()}
         print(f"epoch {epoch}: loss {loss.item():.4f} {values}", flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "loss": loss_fn.state_dict(), "epoch": epoch + 1}, checkpoint)
 

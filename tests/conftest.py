@@ -110,6 +110,7 @@ TIER_OF = {
     "test_startup.py::test_readme_torchrun": "launcher",
     "test_startup.py::test_summary_block": "launcher",
     "test_startup.py::test_srun_ranks": "launcher",
+    "test_examples.py::test_ddp_example": "launcher",
     # multiprocess: several gloo processes in one test
     "test_fastclip_distributed.py": "multiprocess",
     "test_captions.py::test_multi_caption_retrieval_split": "multiprocess",
@@ -134,6 +135,8 @@ TIER_OF = {
     "test_demo.py": "e2e",
     "test_finetune.py": "e2e",
     "test_console_scripts.py": "e2e",
+    "test_examples.py": "e2e",
+    "test_script_guard.py": "e2e",
     "test_csv_data.py::test_training_on_a_csv": "e2e",
     "test_index.py::test_index_of_img2dataset": "e2e",
     "test_index.py::test_fastclip_v3_trains": "e2e",
