@@ -6,7 +6,8 @@ on every rank, as open_clip's ClipLoss is called, plus the pairs' dataset indice
 moving average u per pair). A loss built after torch.distributed's default process group is set up
 (by torchrun, srun, Accelerate, Lightning, mpirun; gloo or NCCL) computes over the global batch: it
 gathers what it needs itself and returns this rank's part, whose gradient DDP's (or FSDP's) average
-turns into the global batch's. Without a process group it is the one-process loss.
+turns into the global batch's. Without a process group it is the one-process loss. (FSDP2's fully_shard
+refuses 0-dim parameters: make open_clip's logit_scale a 1-element vector first, as tests/test_loss_api.py does.)
 
 These classes are thin: the training script builds its objective through them (training/builders.py),
 and the math lives in fastclip.losses. They are not nn.Modules: FastCLIP's per-sample state is sharded
