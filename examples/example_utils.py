@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ DATA = ROOT / "data" / "examples"  # shards built by the DDP example (git-ignore
 OUT = ROOT / "logs" / "examples"  # checkpoints and per-step losses (git-ignored)
 
 
-def tiny_model(loss: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, object, object, object]:
+def tiny_model(loss: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Callable, Callable, Callable]:
     """open_clip's model (returning a dict), its training and evaluation transforms and its tokenizer;
     SigLIP's model gets its temperature and logit bias at creation."""
     register_model_configs()
@@ -53,7 +54,7 @@ class FashionPairs(Dataset):
     """Image-caption pairs; item i is (image, caption tokens, i). The third value is what FastCLIP's loss
     calls `index`: the pair's position in the data set, the same in every epoch and on every rank."""
 
-    def __init__(self, pairs: int, preprocess, tokenizer, seed: int = 0) -> None:
+    def __init__(self, pairs: int, preprocess: Callable, tokenizer: Callable, seed: int = 0) -> None:
         self.images, labels = fashion_arrays("train", pairs)
         rng = np.random.default_rng(seed)
         self.tokens = tokenizer([caption(int(label), rng) for label in labels])
@@ -67,7 +68,7 @@ class FashionPairs(Dataset):
 
 
 @torch.no_grad()
-def zero_shot_top1(model: torch.nn.Module, preprocess, tokenizer, images: int = 1000) -> float:
+def zero_shot_top1(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, images: int = 1000) -> float:
     """Zero-shot top-1 accuracy on the first `images` test images, one prompt per class (chance: 0.1)."""
     pixels, labels = fashion_arrays("test", images)
     device = next(model.parameters()).device

@@ -169,7 +169,8 @@ class FastCLIPLoss(ContrastiveLoss):
     at 1 / 0.07. `rho`: v2/v3's temperature constraint. `lr_tau`: v2's per-pair temperature lr, or the
     lr of the model's temperature (v3: 2e-4; v0: None, the model's lr) with `lr_tau_scheduler` const or
     step_thresh (v3's: `set_temperature_lr`). `beta1`, `beta2`, `eps`: v2's per-pair Adam.
-    `device`: where the per-sample table lives (default: the current CUDA device, else the CPU).
+    `device`: where the per-sample table lives, the features' device (default: the current CUDA device, so
+    call torch.cuda.set_device(local_rank) first, else the CPU).
     """
 
     def __init__(self, data_size: int, version: str = "v3", *, gamma: float = 0.2, gamma_schedule: str = "cosine",

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-import torch
-
 from ..checkpoint import sharded
 from ..losses.state import ShardedState
 
