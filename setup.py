@@ -10,7 +10,7 @@ def _requirements() -> list[str]:
 
 setup(
     name="fastclip",
-    version="0.1.0",
+    version="1.0.0",
     description="CLIP training with global contrastive losses by compositional optimisation (FastCLIP)",
     package_dir={"": "src"},
     packages=find_packages("src"),
@@ -26,10 +26,12 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "requests", "fonttools", "tensorboard", "wandb"],
+        "test": ["pytest>=7", "scikit-learn", "requests", "fonttools", "tensorboard", "wandb", "accelerate"],
         # scikit-learn: the handwritten digits of bench/convergence.py; fonttools: the fonts of bench/fonts.py
         "bench": ["scikit-learn", "fonttools"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # examples/accelerate_loop.py: the loss under Hugging Face Accelerate
+        "examples": ["accelerate"],
     },
 )

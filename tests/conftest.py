@@ -114,6 +114,7 @@ TIER_OF = {
     "test_startup.py::test_readme_torchrun": "launcher",
     "test_startup.py::test_summary_block": "launcher",
     "test_startup.py::test_srun_ranks": "launcher",
+    "test_examples.py::test_ddp_example": "launcher",
     # multiprocess: several gloo processes in one test
     "test_fastclip_distributed.py": "multiprocess",
     "test_captions.py::test_multi_caption_retrieval_split": "multiprocess",
@@ -129,6 +130,8 @@ TIER_OF = {
     "test_faults.py::test_timed_checkpoints": "multiprocess",
     "test_cli_errors.py::test_every_rank_stops": "multiprocess",
     "test_worker_lifetime.py::test_sigkill_of_one_gloo_rank": "multiprocess",
+    "test_loss_api.py::test_shards_of_two_ranks": "multiprocess",
+    "test_loss_api.py::test_fsdp_trains_as_ddp": "multiprocess",
     # e2e: whole training runs through the script, the demo or a console script
     "test_carry_over_runs.py": "e2e",
     "test_export.py": "e2e",
@@ -138,6 +141,8 @@ TIER_OF = {
     "test_demo.py": "e2e",
     "test_finetune.py": "e2e",
     "test_console_scripts.py": "e2e",
+    "test_examples.py": "e2e",
+    "test_script_guard.py": "e2e",
     "test_csv_data.py::test_training_on_a_csv": "e2e",
     "test_index.py::test_index_of_img2dataset": "e2e",
     "test_index.py::test_fastclip_v3_trains": "e2e",

@@ -26,9 +26,8 @@ from fastclip.distributed.threads import configure_cpu_threads, local_ranks
 from fastclip.train.engine import Trainer
 from fastclip.run.log import MetricsSink, setup_logging
 from fastclip.losses.base import Objective
+from fastclip.api import OpenCLIPLoss, SigLIPLoss, create_loss
 from fastclip.losses.fastclip import FastCLIPConfig, FastCLIPObjective, regime_warnings
-from fastclip.losses.openclip import OpenCLIPObjective
-from fastclip.losses.siglip import SigLIPObjective
 from fastclip.models import ModelBundle, ModelOptions, build_model
 from fastclip.train.optim import build_optimizer
 from fastclip.train.precision import Precision, PrecisionError, resolve_precision, slow_on_device
@@ -95,13 +94,17 @@ def build_trainer(config: Config, env: DistEnv, model: torch.nn.Module, objectiv
 
 
 def build_objective(config: Config, env: DistEnv) -> Objective:
+    """The objective the flags select, built by the public losses (fastclip.api) as a user's own loop builds
+    it; the engine takes its `objective`."""
     objective = config.objective
     if objective.siglip:
-        return SigLIPObjective(env.rank, env.world_size, objective.loss_dist_impl)
+        return SigLIPLoss(dist_impl=objective.loss_dist_impl).objective
     if not objective.fastclip:
-        return OpenCLIPObjective(objective.local_loss, objective.gather_with_grad, env.rank, env.world_size,
-                                 learn_temperature=objective.temperature_scheme == "global_learnable")
-    return FastCLIPObjective(config.select(FastCLIPConfig), env.device)  # its fields are named like the flags
+        return OpenCLIPLoss(local_loss=objective.local_loss, gather_with_grad=objective.gather_with_grad,
+                            learn_temperature=objective.temperature_scheme == "global_learnable").objective
+    settings = dataclasses.asdict(config.select(FastCLIPConfig))  # its fields are named like the flags
+    name = version_name(True, settings.pop("temperature_scheme"), settings.pop("multiply_tau"))  # "FastCLIP-v3"
+    return create_loss(name, device=env.device, **settings).objective
 
 
 @dataclass

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
 # so that `--help` and flag errors come back at once.
 from training.config import Config  # noqa: E402
 from training.params import parse_args  # noqa: E402
+from training.reimport import check_script_guard, stop_in_child_bootstrap  # noqa: E402
 
 logger = logging.getLogger("fastclip")
 
@@ -46,9 +47,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Train and/or evaluate as the flags say; returns the last evaluation's metrics.
 
     Ends with SystemExit: a one-line "error: ..." for bad input (a full traceback with --debug), or the
-    exit code of a run that stopped early on purpose (its log says why and how to continue).
+    exit code of a run that stopped early on purpose (its log says why and how to continue). A script
+    that calls it must do so under `if __name__ == "__main__":` (training/reimport.py says why).
     """
+    stop_in_child_bootstrap()
     config = Config.from_args(parse_args(argv))
+    if __name__ != "__main__":  # called by another script (this one guards its call below)
+        check_script_guard(config.data.workers)
     if config.data.workers:
         from fastclip.data.workers import start_forkserver
 

@@ -258,6 +258,19 @@ def _load_file(path: Path, info: dict, stride: _Stride, state: ShardedState, chu
         raise _damaged(path, f"crc32 {crc:08x} where the manifest lists {info['crc32']:08x}")
 
 
+def needed_shards(state: ShardedState, old_world: int) -> dict[int, _Stride]:
+    """The shards of a table written by `old_world` ranks that hold rows of this rank (shard k when
+    k = rank mod gcd(K, K_old)), each with where those rows are."""
+    strides = {k: _stride(k, old_world, state.rank, state.world_size, state.data_size) for k in range(old_world)}
+    return {k: stride for k, stride in strides.items() if stride is not None}
+
+
+def copy_shard_rows(state: ShardedState, rows: torch.Tensor, stride: _Stride) -> None:
+    """Copy this rank's rows out of one old rank's whole table held in memory (a loaded state dict's;
+    only the rows `stride` names are read, so a memory-mapped table is read no further)."""
+    _copy_rows(rows, 0, stride, state.table)
+
+
 def load_shard(state: ShardedState, directory: Path, columns: list[str], *,
                chunk_bytes: int = CHUNK_BYTES) -> None:
     """Fill this rank's rows (for the current K and rank) from files written with any K.
@@ -274,9 +287,8 @@ def load_shard(state: ShardedState, directory: Path, columns: list[str], *,
     directory = Path(directory)
     manifest = read_manifest(directory)
     _check_compatible(state, directory, manifest, columns)
-    strides = {info["rank"]: _stride(info["rank"], manifest["world_size"], state.rank, state.world_size,
-                                     state.data_size) for info in manifest["shards"]}
-    needed = [info for info in manifest["shards"] if strides[info["rank"]] is not None]
+    strides = needed_shards(state, manifest["world_size"])
+    needed = [info for info in manifest["shards"] if info["rank"] in strides]
     for info in needed:  # a missing or cut file is found before any row is overwritten
         _check_size(directory / info["file"], info["bytes"])
     for info in needed:

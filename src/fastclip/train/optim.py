@@ -12,24 +12,13 @@ def _is_excluded_from_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def build_optimizer(
-    model: torch.nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    temperature_lr: float | None = None,
-    fused: bool = False,
-    opt: str = "adamw",
-    momentum: float | None = None,
-) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                 temperature_lr: float | None = None) -> list[dict]:
     """Groups: 'decay' (weights), 'no_decay' (gains, biases), and 'temperature' (logit_scale).
 
     With `temperature_lr` None the logit_scale sits in 'no_decay' and follows the model lr (OpenCLIP);
     otherwise it gets its own group with that lr (FastCLIP's --lr_tau). A frozen logit_scale
-    (requires_grad False) is left out entirely. `fused` (GPUs): one kernel per step, and a grad
-    scaler skips a non-finite step inside it, without a host synchronisation. `opt` 'timm/NAME' builds
-    timm's optimizer NAME over the same groups (betas, eps and `momentum` where it takes them).
+    (requires_grad False) is left out entirely, and so are empty groups.
     """
     groups: dict[str, list[torch.Tensor]] = {"decay": [], "no_decay": [], "temperature": []}
     for name, param in model.named_parameters():
@@ -41,22 +30,39 @@ def build_optimizer(
             groups["no_decay"].append(param)
         else:
             groups["decay"].append(param)
-    param_groups = [
+    result = [
         {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
         {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
     ]
     if groups["temperature"]:
-        param_groups.append(
-            {"name": "temperature", "params": groups["temperature"], "weight_decay": 0.0, "lr": temperature_lr}
-        )
-    param_groups = [g for g in param_groups if g["params"]]
+        result.append({"name": "temperature", "params": groups["temperature"], "weight_decay": 0.0,
+                       "lr": temperature_lr})
+    return [g for g in result if g["params"]]
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    temperature_lr: float | None = None,
+    fused: bool = False,
+    opt: str = "adamw",
+    momentum: float | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. `fused` (GPUs): one kernel per step, and a grad scaler skips a
+    non-finite step inside it, without a host synchronisation. `opt` 'timm/NAME' builds timm's optimizer
+    NAME over the same groups (betas, eps and `momentum` where it takes them).
+    """
+    groups = param_groups(model, lr, weight_decay, temperature_lr)
     if opt.lower() == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     check_optimizer(opt)
     from timm.optim import create_optimizer_v2
 
     extra = {} if momentum is None else {"momentum": momentum}
-    return create_optimizer_v2(param_groups, opt[len("timm/"):], lr=lr, weight_decay=weight_decay, eps=eps,
+    return create_optimizer_v2(groups, opt[len("timm/"):], lr=lr, weight_decay=weight_decay, eps=eps,
                                betas=betas, **extra)
 
 
