@@ -16,6 +16,7 @@ import torch
 from dense_state import dense_table
 from test_fastclip_math import BATCH_1, BATCH_2, features, make_objective, run
 
+from fastclip.distributed.env import DistEnv
 from fastclip.losses.fastclip import FastCLIPConfig
 from fastclip.losses.normaliser import ClampedToBatch
 
@@ -82,6 +83,19 @@ def test_u_and_its_update_are_the_papers():
         run(obj, *features(2), TAU, BATCH_2)
         tables.append(dense_table(obj.state))
     assert torch.equal(*tables)
+
+
+def test_the_flag_reaches_the_objective_through_the_script_and_the_public_api():
+    from training.builders import build_objective
+    from training.config import Config
+    from training.params import parse_args
+
+    from fastclip import FastCLIPLoss
+
+    config = Config.from_args(parse_args(["--dataset-type", "synthetic", "--train-num-samples", "8", "--data_size",
+                                          "8", "--fastclip", "--clamp_u_to_g", "2"]))
+    assert isinstance(build_objective(config, DistEnv()).normaliser, ClampedToBatch)
+    assert isinstance(FastCLIPLoss(8, clamp_u_to_g=2.0, device="cpu").objective.normaliser, ClampedToBatch)
 
 
 def test_a_factor_below_one_is_refused():

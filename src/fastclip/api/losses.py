@@ -169,6 +169,8 @@ class FastCLIPLoss(ContrastiveLoss):
     at 1 / 0.07. `rho`: v2/v3's temperature constraint. `lr_tau`: v2's per-pair temperature lr, or the
     lr of the model's temperature (v3: 2e-4; v0: None, the model's lr) with `lr_tau_scheduler` const or
     step_thresh (v3's: `set_temperature_lr`). `beta1`, `beta2`, `eps`: v2's per-pair Adam.
+    `clamp_u_to_g` (opt-in, not the paper's; None: off): u clamped to within this factor (>= 1) of the step's
+    mini-batch estimate when it divides the anchor's weights (fastclip.losses.normaliser).
     `device`: where the per-sample table lives, the features' device (default: the current CUDA device, so
     call torch.cuda.set_device(local_rank) first, else the CPU).
     """
@@ -176,7 +178,7 @@ class FastCLIPLoss(ContrastiveLoss):
     def __init__(self, data_size: int, version: str = "v3", *, gamma: float = 0.2, gamma_schedule: str = "cosine",
                  gamma_decay_epochs: int = 18, temperature: float | None = None, rho: float | None = None,
                  fastclip_eps: float = 1e-14, lr_tau: float | None = None, lr_tau_scheduler: str | None = None,
-                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, clamp_u_to_g: float | None = None,
                  device: torch.device | str | None = None) -> None:
         if version not in VERSIONS:
             raise ValueError(f"version {version!r}: use one of {', '.join(VERSIONS)}")
@@ -186,7 +188,8 @@ class FastCLIPLoss(ContrastiveLoss):
         rule = settings.pop("lr_tau_scheduler", None)
         config = FastCLIPConfig(data_size=data_size, temperature_scheme=scheme, multiply_tau=multiply_tau, gamma=gamma,
                                 gamma_schedule=gamma_schedule, gamma_decay_epochs=gamma_decay_epochs,
-                                fastclip_eps=fastclip_eps, beta1=beta1, beta2=beta2, eps=eps, **settings)
+                                fastclip_eps=fastclip_eps, beta1=beta1, beta2=beta2, eps=eps,
+                                clamp_u_to_g=clamp_u_to_g, **settings)
         objective = FastCLIPObjective(config, _default_device() if device is None else device)
         super().__init__(objective, version_name(True, scheme, multiply_tau),
                          _temperature_rule(objective, rule, settings.get("lr_tau")))
