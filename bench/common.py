@@ -195,6 +195,16 @@ def plot_band(ax, curves: Sequence[Sequence[float]], label: str) -> None:
     ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
 
 
+def save_figure(fig, path: Path) -> None:
+    """A benchmark's finished figure as a PNG (its folder made), closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- training log lines
 
 # open_clip_train: "Train Epoch: 0 [ 1408/3840 (37%)] Data (t): 0.009 Batch (t): 1.889, ..." (window means)

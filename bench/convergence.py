@@ -45,6 +45,7 @@ from common import (
     read_jsonl,
     reuse_or_train,
     runs_line,
+    save_figure,
     write_report,
 )
 
@@ -262,10 +263,7 @@ def plot_curves(results: list[Result], dataset: str, batches: Sequence[int], pat
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def setup_lines(scale: Scale, data: dict[str, DemoData], optim: Optim, threads: int) -> str:

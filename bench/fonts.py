@@ -50,6 +50,7 @@ from common import (
     reuse_or_train,
     run_command,
     runs_line,
+    save_figure,
     write_report,
 )
 from convergence import VERSIONS, Optim, difference
@@ -214,10 +215,7 @@ def plot_recall(results: list[Result], scale: Scale, test_pairs: int, path: Path
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def setup_lines(scale: Scale, data: FontsData, optim: Optim) -> str:

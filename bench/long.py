@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from common import OUT_DIR, ROOT, markdown_table, mean_std, read_jsonl, reuse_or_train, runs_line, write_report
+from common import (OUT_DIR, ROOT, markdown_table, mean_std, read_jsonl, reuse_or_train, runs_line, save_figure,
+                    write_report)
 from convergence import VERSIONS
 from fonts import OPTIM, RANKS, Run, load_data, run_argv, torchrun
 
@@ -272,10 +273,7 @@ def plot(groups: dict[tuple[int, str], Group], scale: Scale, path: Path) -> None
                    ylabel=METRICS[metric])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def setup_lines(scale: Scale, data: FontsData) -> str:

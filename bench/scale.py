@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from common import OUT_DIR, ROOT, markdown_table, write_report
+from common import OUT_DIR, ROOT, markdown_table, save_figure, write_report
 from convergence import VERSIONS
 from fonts import OPTIM, RANKS, Run
 from long import LOSSES, Curve, Group, Scale, difference_cells, long_argv, mean_curve, steps_to_reach, train
@@ -297,10 +297,7 @@ def plot(rows: Sequence[dict], records: Sequence[Record], path: Path) -> None:
         ax.set(xscale="log", xlabel="distinct training pairs", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(records: list[Record], m: Map, figure: Path, missing: int, name: str) -> Path:
