@@ -18,7 +18,6 @@ save from rank 0 alone; each rank saves its own `state_dict()` instead (api/stat
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -29,6 +28,7 @@ from ..losses.fastclip import FastCLIPConfig, FastCLIPObjective
 from ..losses.openclip import OpenCLIPObjective
 from ..losses.siglip import SIGLIP_MODEL_KWARGS, SigLIPObjective
 from ..run.summary import version_name
+from ..train.guard import takes_device_flags
 from ..train.optim import param_groups, unwrap
 from ..train.schedules import TauLrSchedule
 from .state import load_shard_states, shard_state
@@ -119,9 +119,9 @@ class ContrastiveLoss:
 
     def set_temperature_lr(self, optimizer: torch.optim.Optimizer) -> None:
         """Every step, after your lr scheduler and before optimizer.step(): the 'temperature' group's lr
-        under lr_tau's rule (v3's step_thresh: lr_tau, a third of it while tau <= 0.03; that reads tau
-        from the device, as the training script does). Nothing to do where the temperature follows the
-        model's lr or is not learnt."""
+        under lr_tau's rule (v3's step_thresh: lr_tau, a third of it while tau <= 0.03, decided on tau's
+        device; a fused optimizer reads it there, others get a float, read on the host). Nothing to do
+        where the temperature follows the model's lr or is not learnt."""
         rule = self._temperature_lr
         if rule is None:
             return
@@ -130,8 +130,11 @@ class ContrastiveLoss:
             raise ValueError(f"{self.name} learns the temperature at its own lr: build the optimizer from "
                              "loss.param_groups(model, lr, weight_decay)")
         for group in groups:
-            tau = float(1.0 / _whole(group["params"][0]).exp()) if rule.reads_temperature else math.nan
-            group["lr"] = rule(0, tau)  # its rules are per step, not over a number of steps
+            tau = 1.0 / _whole(group["params"][0]).detach().exp() if rule.reads_temperature else None
+            lr = rule(0, tau)  # its rules are per step, not over a number of steps
+            if torch.is_tensor(lr):  # a device scalar: fused optimizers read it there, the others take a float
+                lr = lr.float() if takes_device_flags(optimizer) else float(lr)
+            group["lr"] = lr
 
     def state_dict(self) -> dict:
         """The loss's state for your checkpoint: the epoch and, for FastCLIP, this rank's shard of the
