@@ -2,7 +2,7 @@
 
     python examples/single_process.py                 # FastCLIP-v3, 6 epochs over 1024 Fashion-MNIST pairs
     python examples/single_process.py --loss openclip # or v0, v1, v2, siglip: the same loop
-    python examples/single_process.py --resume        # continue from the checkpoint the last run wrote
+    python examples/single_process.py --stop-epochs 3 && python examples/single_process.py --resume
 
 Everything that concerns FastCLIP is marked "FastCLIP:"; the rest is an ordinary CLIP loop.
 """
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--loss", default="v3", choices=("v0", "v1", "v2", "v3", "openclip", "siglip"))
     parser.add_argument("--pairs", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--stop-epochs", type=int, default=None, help="stop after this many epochs (then --resume)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=10, help="steps")
@@ -41,7 +42,9 @@ def main() -> None:
     configure_cpu_threads(device, loader_workers=1)  # on a CPU, cores left to the loader's worker
     model, train_transform, eval_transform, tokenizer = tiny_model(args.loss, device)
     pairs = FashionPairs(args.pairs, train_transform, tokenizer)
-    loader = DataLoader(pairs, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=1)
+    shuffle = torch.Generator()  # seeded by epoch below: a resumed run sees the same order and augmentations
+    loader = DataLoader(pairs, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=1,
+                        generator=shuffle)
 
     # FastCLIP: one moving average per pair, indexed by the pair's dataset index (FashionPairs' third value);
     # u averages over about half the epochs (the paper: 18 of 37)
@@ -60,8 +63,9 @@ def main() -> None:
         loss_fn.load_state_dict(state["loss"])  # FastCLIP: every pair's u (one process: the whole table)
         start = state["epoch"]
 
-    for epoch in range(start, args.epochs):
+    for epoch in range(start, args.stop_epochs or args.epochs):
         loss_fn.set_epoch(epoch)  # FastCLIP: gamma is 1 in epoch 0, then decays
+        shuffle.manual_seed(epoch)
         for images, texts, index in loader:
             out = model(images.to(device), texts.to(device))
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], index.to(device),
@@ -79,7 +83,7 @@ def main() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "loss": loss_fn.state_dict(), "epoch": epoch + 1}, checkpoint)
 
-    print(json.dumps({"loss": args.loss, "epochs": args.epochs, "pairs": len(pairs),
+    print(json.dumps({"loss": args.loss, "epochs": args.stop_epochs or args.epochs, "pairs": len(pairs),
                       "zeroshot_top1": zero_shot_top1(model, eval_transform, tokenizer),
                       "checkpoint": str(checkpoint), "seconds": round(time.time() - started, 1)}), flush=True)
 
