@@ -22,6 +22,7 @@ NOTES = ROOT / "bench" / "notes.md"
 # Each benchmark's section title up to its first ':', by which a published section is found again.
 TITLES = {
     "throughput": "CPU throughput vs open_clip_train",
+    "startup": "Start-up",
     "anatomy": "Step anatomy",
     "comm": "Communication per step",
     "memory": "Per-rank memory",

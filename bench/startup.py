@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def flags(data, logs: Path, name: str) -> list[str]:
 def timed(command: Sequence[str], env: dict[str, str] | None) -> common.Metrics:
     """Seconds to the first step's log line and to the end of the run."""
     started = time.perf_counter()
-    process = subprocess.Popen(list(command), cwd=common.ROOT, env={**common.os.environ, **(env or {})},
+    process = subprocess.Popen(list(command), cwd=common.ROOT, env={**os.environ, **(env or {})},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first, lines = None, []
     for line in process.stdout:
