@@ -213,12 +213,18 @@ def verdict(mean: float, error: float) -> str:
     return "leads" if mean > 2 * error else "trails" if mean < -2 * error else "ties"
 
 
+def mean_lag(records: Sequence[Record], pairs: int, contender: str) -> tuple[list[float], list[float]]:
+    """g_over_u and g_over_u_typical per third of the run, averaged over the seeds of (pairs, contender)."""
+    lags = [r.lag for r in records if r.cell.pairs == pairs and r.cell.contender == contender]
+    return tuple([sum(values) / len(lags) for values in zip(*(lag[key] for lag in lags))]
+                 for key in ("g_over_u", "g_over_u_typical"))
+
+
 def final_table(records: Sequence[Record]) -> str:
     rows = []
     for (pairs, contender), g in groups_of(records).items():
-        lag = [r.lag for r in records if r.cell.pairs == pairs and r.cell.contender == contender]
-        last = lambda key: sum(x[key][-1] for x in lag) / len(lag)  # noqa: E731
-        lag_cell = "" if "FastCLIP" not in contender else f"{last('g_over_u'):.2f} / {last('g_over_u_typical'):.2f}"
+        mean, typical = mean_lag(records, pairs, contender)
+        lag_cell = "" if "FastCLIP" not in contender else f"{mean[-1]:.2f} / {typical[-1]:.2f}"
         rows.append([size_label(pairs, records), contender, str(len(g.curves)),
                      *(f"{100 * g.final(k)[0]:.2f} ± {100 * g.final(k)[1]:.2f}" for k in ("R@1", "R@10")),
                      *(f"{g.final(k)[0]:.4f} ± {g.final(k)[1]:.4f}" for k in ("GCL", "train GCL")),
@@ -265,13 +271,11 @@ def difference_table(rows: Sequence[dict]) -> str:
 
 def lag_table(records: Sequence[Record]) -> str:
     rows = []
-    for (pairs, contender), _ in groups_of(records).items():
-        lag = [r.lag for r in records if r.cell.pairs == pairs and r.cell.contender == contender]
-        if "FastCLIP" not in contender or not lag:
+    for pairs, contender in groups_of(records):
+        if "FastCLIP" not in contender:
             continue
-        thirds = lambda key: [sum(x[key][i] for x in lag) / len(lag) for i in range(3)]  # noqa: E731
-        rows.append([size_label(pairs, records), contender,
-                     *(f"{a:.2f} / {b:.2f}" for a, b in zip(thirds("g_over_u"), thirds("g_over_u_typical")))])
+        mean, typical = mean_lag(records, pairs, contender)
+        rows.append([size_label(pairs, records), contender, *(f"{a:.2f} / {b:.2f}" for a, b in zip(mean, typical))])
     return markdown_table(["pairs", "contender", "first third", "second third", "last third"], rows)
 
 
