@@ -27,6 +27,7 @@ and `--report` writes the map from the records alone.
     python bench/scale.py            # make bench-scale: 36 runs, ~8 h on 2 cores
     python bench/scale.py --report   # the map from the finished runs, training nothing
     python bench/scale.py --quick    # smoke test (~4 min): 300 and 600 pairs, 4 epochs, 1 seed
+    python bench/scale.py --sizes 2000 20000 --contenders OpenCLIP FastCLIP-v3   # a part of the map first
 """
 
 from __future__ import annotations
@@ -334,13 +335,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 300 and 600 pairs, 4 epochs, 1 seed")
     parser.add_argument("--report", action="store_true", help="write the map from the recorded runs, train nothing")
+    parser.add_argument("--sizes", type=int, nargs="+", metavar="PAIRS",
+                        help=f"train only the runs of these sizes ({ALL}: every character); the report has every record")
+    parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), metavar="NAME",
+                        help="train only these contenders (quote names with spaces)")
     args = parser.parse_args(argv)
     m, name = (QUICK, "scale-quick") if args.quick else (FULL, "scale")
     cells = plan(m)
     records = []
     for i, cell in enumerate(cells, 1):
         record = load_record(cell, m)
-        if record is None and not args.report:
+        wanted = (args.sizes is None or cell.pairs in args.sizes) and (
+            args.contenders is None or cell.contender in args.contenders)
+        if record is None and wanted and not args.report:
             started = time.perf_counter()
             record = train_cell(cell, m)
             print(f"[{i}/{len(cells)}] {cell.name}: R@10 {100 * record.curve.values['R@10'][-1]:.2f} %, "
