@@ -5,6 +5,7 @@ preemption's grace period), or at a normal end."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 
@@ -79,3 +80,44 @@ def test_a_normal_end_leaves_none_of_its_processes(demo_data, tmp_path):
     assert rank.returncode == 0, (tmp_path / "out.txt").read_text()[-3000:]
     assert len(seen) >= 4
     assert_all_gone(seen)
+
+
+FORKSERVER_CLIENT = """
+import multiprocessing, sys
+from multiprocessing import forkserver
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload(sys.argv[1:])
+worker = context.Process(target=print)
+worker.start()
+worker.join()
+print(forkserver._forkserver._forkserver_pid)
+"""
+FINALISED_MARKER = """
+import atexit, os, pathlib
+atexit.register(lambda: pathlib.Path(os.environ["FINALISED"]).write_text("finalised"))
+"""
+
+
+@pytest.mark.parametrize("quick_end", [True, False], ids=["with forkserver_end", "without"])
+def test_the_forkserver_ends_without_finalising_its_imports(tmp_path, quick_end):
+    """fastclip.data.forkserver_end, preloaded last, ends the server before the exit handlers of the
+    modules preloaded before it (torch's, open_clip's: a second of finalising) run; without it they run."""
+    (tmp_path / "finalised_marker.py").write_text(FINALISED_MARKER)
+    marker = tmp_path / "finalised.txt"
+    preload = ["finalised_marker", *(["fastclip.data.forkserver_end"] if quick_end else [])]
+    env = {**clean_env(), "PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}", "FINALISED": str(marker)}
+    done = subprocess.run([sys.executable, "-c", FORKSERVER_CLIENT, *preload], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    server = int(done.stdout.split()[-1])
+    assert not still_running({server}, GONE_WITHIN_S)
+    assert marker.exists() != quick_end
+
+
+def test_forkserver_end_does_nothing_outside_the_forkserver():
+    import atexit
+
+    before = atexit._ncallbacks()
+    import fastclip.data.forkserver_end  # noqa: F401
+
+    assert atexit._ncallbacks() == before

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
 from .samples import DataError, Sample, SkipLog, error_text, to_rgb
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class StringColumn:
@@ -101,6 +103,8 @@ def cell_captions(cell: str) -> list[str]:
 
 def _read_columns(path: str, img_key: str, caption_keys: list[str], separator: str) -> pd.DataFrame:
     """The image and caption columns as strings (empty cells as ""), or a `DataError` that says which flag to fix."""
+    import pandas as pd  # here, not at the top: only CSV runs pay for its import (0.15 s of every start)
+
     def read(**kwargs: object) -> pd.DataFrame:
         try:
             return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, **kwargs)

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any, Callable
 
-PRELOADED = ["torch", "torchvision", "open_clip", "fastclip.data.loader", "fastclip.evaluate"]
+# imported by the forkserver before it forks any worker; the last one makes the server's own end quick
+PRELOADED = ["torch", "torchvision", "open_clip", "fastclip.data.loader", "fastclip.evaluate",
+             "fastclip.data.forkserver_end"]
 POLL_S = 1.0  # where no pidfd exists: how often a worker checks that its rank is alive
 
 
