@@ -49,31 +49,18 @@ def test_no_context_without_workers() -> None:
     DataLoader(NeedsTheLock(), batch_size=None, **worker_arguments(0))
 
 
-class Tokenizes(IterableDataset):
-    """Yields its tokenizer's tokens of a few captions, from inside a worker."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+class FrozenObjects(IterableDataset):
+    """Yields how many objects its worker inherited frozen (out of the collector's reach)."""
 
     def __iter__(self):
-        yield self.tokenizer(CAPTIONS)
+        import gc
+
+        yield gc.get_freeze_count()
 
 
-CAPTIONS = ["a photo of the letter A", "LATIN SMALL LETTER SHARP S", "ünïcödé and 数字 7"]
-
-
-def test_the_bpe_tokenizer_reaches_workers_as_its_recipe_and_tokenizes_the_same() -> None:
-    import pickle
-
-    from multiprocessing.reduction import ForkingPickler
-
-    from fastclip.models import PortableTokenizer, TokenizerRecipe, portable_tokenizer
-
-    tokenizer = portable_tokenizer(TokenizerRecipe("ViT-Tiny-32px"))
-    assert isinstance(tokenizer, PortableTokenizer)
-    assert len(bytes(ForkingPickler.dumps(tokenizer))) < 1_000  # the tables themselves are about 2 MB
-    assert len(pickle.dumps(tokenizer.tokenizer)) > 1_000_000
-    assert tokenizer.context_length == 32  # attributes are the wrapped tokenizer's
-    [in_worker] = DataLoader(Tokenizes(tokenizer), batch_size=None, timeout=60, **worker_arguments(1))
-    assert torch.equal(in_worker, tokenizer(CAPTIONS))
-    assert torch.equal(tokenizer(CAPTIONS, context_length=8), tokenizer.tokenizer(CAPTIONS, 8))
+def test_workers_inherit_the_forkservers_imports_frozen() -> None:
+    """A worker's first full collection would otherwise walk (and copy on write) torch's and open_clip's
+    millions of objects, shared with the forkserver: ~0.25 s of every worker's start."""
+    [frozen] = DataLoader(FrozenObjects(), batch_size=None, timeout=60, **worker_arguments(1))
+    assert frozen > 100_000

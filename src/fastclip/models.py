@@ -4,7 +4,6 @@ open_clip_train's model flags (ModelOptions: forced sizes, preprocessing overrid
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -164,58 +163,5 @@ def build_model(
     _lock_towers(model, options)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    recipe = TokenizerRecipe(name, options.force_context_length, options.cache_dir)
-    return ModelBundle(model, preprocess_train, preprocess_val, portable_tokenizer(recipe))
-
-
-@dataclass(frozen=True)
-class TokenizerRecipe:
-    """The arguments of `open_clip.get_tokenizer` for a model."""
-
-    name: str
-    context_length: int | None = None
-    cache_dir: str | None = None
-
-
-@functools.cache
-def tokenizer_of(recipe: TokenizerRecipe) -> Callable:
-    """open_clip's tokenizer of `recipe`, built once per process."""
-    register_model_configs()
-    return open_clip.get_tokenizer(recipe.name, context_length=recipe.context_length, cache_dir=recipe.cache_dir)
-
-
-class PortableTokenizer:
-    """An open_clip BPE tokenizer that travels to DataLoader workers as its recipe, not its tables.
-
-    A `SimpleTokenizer` pickles to about 2 MB (its vocabulary, merge ranks and cache). Each worker is
-    sent its dataset through a pipe from the forkserver, and that transfer took about 0.25 s per worker
-    start here (every worker, every epoch, every evaluation), against about 0.08 s to rebuild the
-    tokenizer from its local BPE file. Everything but pickling is the wrapped tokenizer's.
-    """
-
-    def __init__(self, recipe: TokenizerRecipe, tokenizer: Callable) -> None:
-        self.recipe, self.tokenizer = recipe, tokenizer
-
-    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
-        return self.tokenizer(texts, context_length)
-
-    def __getattr__(self, attribute: str) -> Any:
-        if attribute == "tokenizer":  # not yet set: being unpickled
-            raise AttributeError(attribute)
-        return getattr(self.tokenizer, attribute)
-
-    def __reduce__(self) -> tuple:
-        return _rebuild_tokenizer, (self.recipe,)
-
-
-def _rebuild_tokenizer(recipe: TokenizerRecipe) -> PortableTokenizer:
-    return PortableTokenizer(recipe, tokenizer_of(recipe))
-
-
-def portable_tokenizer(recipe: TokenizerRecipe) -> Callable:
-    """The recipe's tokenizer; a BPE tokenizer wrapped to pickle as its recipe. Others (Hugging Face and
-    SigLIP tokenizers, which a rebuild could fetch from the network) pickle as they are."""
-    tokenizer = tokenizer_of(recipe)
-    if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
-        return PortableTokenizer(recipe, tokenizer)
-    return tokenizer
+    tokenizer = open_clip.get_tokenizer(name, context_length=options.force_context_length, cache_dir=options.cache_dir)
+    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
