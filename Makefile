@@ -7,7 +7,10 @@ DEMO_DIR ?= demo_run
 
 .PHONY: install demo test test-fast bench bench-quick bench-fonts bench-long bench-scale gpu-wheels clean
 
+# and our modules' bytecode, written even where PYTHONDONTWRITEBYTECODE is set (containers, CI): an editable
+# install has none, so every process (each rank, the workers' forkserver) would compile them as it starts
 install: $(STAMP)
+	@$(PY) -m compileall -q src
 
 $(STAMP): setup.py requirements-training.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
