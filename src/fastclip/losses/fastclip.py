@@ -81,8 +81,8 @@ def regime_warnings(config: FastCLIPConfig, epochs: int, total_steps: int) -> li
     warnings = []
     if config.data_size <= SMALL_DATA and epochs >= MANY_EPOCHS and config.gamma < 0.5 and config.clamp_u_to_g is None:
         warnings.append(f"--data_size {config.data_size} pairs x {epochs} epochs at --gamma {config.gamma:g}: at 2,000, "
-                        "10,000 and 20,000 pairs x 20 epochs FastCLIP-v3 at --gamma 0.2 trailed OpenCLIP by about 2 pp "
-                        "held-out R@10 (the regime map); on 2,000 pairs x 30 epochs it tied OpenCLIP at --gamma 0.5 "
+                        "10,000 and 20,000 pairs x 20 epochs FastCLIP-v3 at --gamma 0.2 trailed OpenCLIP by 2 to 3.4 pp "
+                        "held-out R@10 (the regime map, 3 seeds); on 2,000 pairs x 30 epochs it tied OpenCLIP at --gamma 0.5 "
                         "or with --clamp_u_to_g 2 and led slightly at --gamma 1 --gamma_schedule constant (README: "
                         "Which version, which flags)")
     if epochs <= 1:
