@@ -49,7 +49,6 @@ def test_no_context_without_workers() -> None:
     DataLoader(NeedsTheLock(), batch_size=None, **worker_arguments(0))
 
 
-
 class FrozenObjects(IterableDataset):
     """Yields how many objects its worker inherited frozen (out of the collector's reach)."""
 

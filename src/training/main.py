@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     try:
         config = check_run(config)  # before the process group: every rank stops on its own, none waits for another
-        if __name__ != "__main__":  # called by another script (this one guards its call below); checked once
-            check_script_guard(config.data.workers)  # the forkserver has imported what this process has
+        if __name__ != "__main__":  # called by another script (this one guards its call below)
+            check_script_guard(config.data.workers)  # after the preflight's imports: the forkserver's ran alongside
         from training.builders import build_run  # open_clip and the rest of the library
         from training.loop import train_and_evaluate
 
