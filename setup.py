@@ -26,7 +26,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "requests", "fonttools", "tensorboard", "wandb", "accelerate"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "scikit-learn", "requests", "fonttools", "tensorboard", "wandb", "accelerate"],
         # scikit-learn: the handwritten digits of bench/convergence.py; fonttools: the fonts of bench/fonts.py
         "bench": ["scikit-learn", "fonttools"],
         "tensorboard": ["tensorboard"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import unicodedata
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,17 @@ def test_same_arguments_give_the_same_files(built, tmp_path):
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for name in files:
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
+class EndsTheProcessThatUnpicklesIt:
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_drawing_process_that_dies_stops_the_build_instead_of_waiting_for_ever():
+    tasks = [(ord("a"), [EndsTheProcessThatUnpicklesIt()], None)]
+    with pytest.raises(BrokenProcessPool):
+        list(fonts.draw_all(tasks, processes=2))
 
 
 def test_missing_fonts_name_the_packages_and_the_install_line(tmp_path, capsys):

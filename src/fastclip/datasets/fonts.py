@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import unicodedata
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -184,21 +185,28 @@ def _draw_chunk(tasks: list[Task]) -> list[Drawn]:
 
 def draw_all(tasks: Iterable[Task], processes: int) -> Iterator[Drawn]:
     """draw_task over `tasks`, in their order, in `processes` processes. At most two chunks per process
-    are drawn ahead of the consumer, so closing the iterator early leaves the rest of `tasks` untouched."""
+    are drawn ahead of the consumer, so closing the iterator early leaves the rest of `tasks` untouched.
+    A drawing process that dies (the OOM killer, a crash in a font library) stops the build with
+    BrokenProcessPool: a multiprocessing.Pool would replace it and wait for its lost chunk for ever."""
     tasks = iter(tasks)
     chunks = iter(lambda: list(itertools.islice(tasks, CHUNK)), [])
     if processes <= 1:
         for chunk in chunks:
             yield from _draw_chunk(chunk)
         return
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:  # not forked from a torch process
+    spawn = multiprocessing.get_context("spawn")  # not forked from a torch process
+    with ProcessPoolExecutor(processes, mp_context=spawn) as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_draw_chunk, (chunk,)))
-            if len(pending) > 2 * processes:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_draw_chunk, chunk))
+                if len(pending) > 2 * processes:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # --------------------------------------------------------------------------------------- choosing
