@@ -143,6 +143,7 @@ TIER_OF = {
     "test_console_scripts.py": "e2e",
     "test_examples.py": "e2e",
     "test_script_guard.py": "e2e",
+    "test_collector.py": "e2e",
     "test_csv_data.py::test_training_on_a_csv": "e2e",
     "test_index.py::test_index_of_img2dataset": "e2e",
     "test_index.py::test_fastclip_v3_trains": "e2e",

@@ -50,16 +50,19 @@ def test_no_context_without_workers() -> None:
 
 
 class FrozenObjects(IterableDataset):
-    """Yields how many objects its worker inherited frozen (out of the collector's reach)."""
+    """Yields how many objects its worker inherited frozen (out of the collector's reach), and whether its
+    collector runs."""
 
     def __iter__(self):
         import gc
 
-        yield gc.get_freeze_count()
+        yield gc.get_freeze_count(), gc.isenabled()
 
 
 def test_workers_inherit_the_forkservers_imports_frozen() -> None:
     """A worker's first full collection would otherwise walk (and copy on write) torch's and open_clip's
-    millions of objects, shared with the forkserver: ~0.25 s of every worker's start."""
-    [frozen] = DataLoader(FrozenObjects(), batch_size=None, timeout=60, **worker_arguments(1))
+    millions of objects, shared with the forkserver: ~0.25 s of every worker's start. The server imported
+    them with its collector paused; a worker's runs again."""
+    [(frozen, collecting)] = DataLoader(FrozenObjects(), batch_size=None, timeout=60, **worker_arguments(1))
     assert frozen > 100_000
+    assert collecting

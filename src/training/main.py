@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python src/training/main.py`: make `training` 
 
 # Only the flags at module level: torch, open_clip and the library load inside `main`, after parsing,
 # so that `--help` and flag errors come back at once.
+from fastclip.run import collector  # noqa: E402
 from training.config import Config  # noqa: E402
 from training.params import parse_args  # noqa: E402
 from training.reimport import check_script_guard, stop_in_child_bootstrap  # noqa: E402
@@ -75,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         env = init_distributed(run.device, run.dist_backend, run.dist_url, timeout_s=round(60 * run.dist_timeout),
                                set_device_rank=not run.no_set_device_rank)
         built = build_run(config, env)
+        collector.resume_frozen()  # the start is over: its objects frozen, the collector on for the steps
         try:
             logger.info("model %s, from %s", config.model.model, config.model.model_source)
             return train_and_evaluate(built)
@@ -99,9 +101,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    """The `fastclip-train` console script: `main` on the command line, its metrics not returned as an exit code."""
+    """The `fastclip-train` console script: `main` on the command line, its metrics not returned as an exit code.
+    The process is the command line's alone, so its start runs without the garbage collector
+    (fastclip.run.collector: a fifth of the imports' time)."""
+    collector.pause_while_starting()
     main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -2,7 +2,7 @@
 workers without a garbage collection that walks them, and end the server at once when its client has
 gone, without tearing its imports down.
 
-Freeze: every worker is a fork of the server and shares its heap (torch, torchvision, open_clip: a few
+Freeze (then the collector resumes where `forkserver_start` paused it): every worker is a fork of the server and shares its heap (torch, torchvision, open_clip: a few
 million objects) until it writes to it. A worker's first full collection would walk all of them,
 writing each object's collector header, so it copied most of that heap and took ~0.25 s of the
 worker's start here (it fell in the unpickling of the worker's dataset, so the rank waited on it too).
@@ -23,19 +23,11 @@ from __future__ import annotations
 import atexit
 import gc
 import os
-import sys
 
+from ..run import collector
+from .forkserver_start import in_forkserver_start
 
-def _in_forkserver_start() -> bool:
-    """Is this import the preload of multiprocessing's forkserver (`multiprocessing.forkserver.main`)?"""
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "main" and frame.f_globals.get("__name__") == "multiprocessing.forkserver":
-            return True
-        frame = frame.f_back
-    return False
-
-
-if _in_forkserver_start():
-    gc.freeze()
+if in_forkserver_start():
+    gc.freeze()  # for the workers, whether or not forkserver_start paused the collector
+    collector.resume_frozen()
     atexit.register(os._exit, 0)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from multiprocessing.context import BaseContext
 from typing import Any, Callable
 
-# imported by the forkserver before it forks any worker; the last one freezes them for the workers and
-# makes the server's own end quick
-PRELOADED = ["torch", "torchvision", "open_clip", "fastclip.data.loader", "fastclip.evaluate",
-             "fastclip.data.forkserver_end"]
+# imported by the forkserver before it forks any worker; the first pauses the garbage collector for the
+# imports, the last one freezes them for the workers, resumes it and makes the server's own end quick
+PRELOADED = ["fastclip.data.forkserver_start", "torch", "torchvision", "open_clip", "fastclip.data.loader",
+             "fastclip.evaluate", "fastclip.data.forkserver_end"]
 POLL_S = 1.0  # where no pidfd exists: how often a worker checks that its rank is alive
 
 
