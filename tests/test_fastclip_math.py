@@ -236,11 +236,11 @@ def test_runs_too_short_for_u_or_the_temperature_are_warned_about():
 
 
 def test_a_long_memory_of_u_on_small_data_is_warned_about():
-    """Up to 20,000 pairs for tens of epochs at gamma below 0.5: where the map found u's memory costing recall."""
+    """Up to 42,000 pairs for tens of epochs at gamma below 0.5: where the map found u's memory costing recall."""
     small = regime_warnings(FastCLIPConfig(data_size=2_000, gamma_decay_epochs=15), epochs=30, total_steps=10_000)
     assert len(small) == 1 and small[0].startswith("--data_size 2000 pairs x 30 epochs at --gamma 0.2: ")
-    mapped = regime_warnings(FastCLIPConfig(data_size=20_000, gamma_decay_epochs=10), epochs=20, total_steps=10_000)
-    assert len(mapped) == 1 and "20,000 pairs x 20 epochs" in mapped[0]  # the largest size the map found trailing
+    mapped = regime_warnings(FastCLIPConfig(data_size=41_660, gamma_decay_epochs=10), epochs=20, total_steps=10_000)
+    assert len(mapped) == 1 and "41,660 pairs x 20 epochs" in mapped[0]  # the largest size the map found trailing
     for config, epochs in ((FastCLIPConfig(data_size=2_000, gamma=0.5, gamma_decay_epochs=15), 30),
                            (FastCLIPConfig(data_size=2_000, gamma=1.0, gamma_schedule="constant"), 30),
                            (FastCLIPConfig(data_size=2_000, gamma_decay_epochs=15, clamp_u_to_g=2.0), 30),
