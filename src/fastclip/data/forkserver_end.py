@@ -2,12 +2,12 @@
 workers without a garbage collection that walks them, and end the server at once when its client has
 gone, without tearing its imports down.
 
-Freeze (then the collector resumes where `forkserver_start` paused it): every worker is a fork of the server and shares its heap (torch, torchvision, open_clip: a few
-million objects) until it writes to it. A worker's first full collection would walk all of them,
-writing each object's collector header, so it copied most of that heap and took ~0.25 s of the
-worker's start here (it fell in the unpickling of the worker's dataset, so the rank waited on it too).
-`gc.freeze()` moves everything imported so far out of the collector's reach, as Python's documentation
-recommends before forking without exec.
+Freeze (then the collector resumes where `forkserver_start` paused it): every worker is a fork of the server
+and shares its heap (torch, torchvision, open_clip: a few million objects) until it writes to it. A worker's
+first full collection would walk all of them, writing each object's collector header, so it copied most of
+that heap and took ~0.25 s of the worker's start here (it fell in the unpickling of the worker's dataset, so
+the rank waited on it too). `gc.freeze()` moves everything imported so far out of the collector's reach, as
+Python's documentation recommends before forking without exec.
 
 End: the forkserver leaves its loop when the training process exits; an interpreter that has imported torch,
 torchvision and open_clip then takes about a second to finalise, and the server holds the training
