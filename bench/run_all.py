@@ -34,6 +34,7 @@ TITLES = {
     "long": "Many visits per pair",
     "long_study": "What it takes",
     "scale": "The regime map",
+    "step_cost": "What makes a step of the regime map cheap",
     "threads": "CPU threads per rank",
 }
 BENCHMARKS = tuple(TITLES)
