@@ -10,7 +10,7 @@ sizes differ only in how many other pairs share the batches. At every size it tr
 - OpenCLIP and FastCLIP-v3, the README's flags (gamma 0.2 decayed over half the epochs), 3 seeds up
   to 20,000 pairs and 2 beyond;
 - FastCLIP-v3 with `--clamp_u_to_g 2` (u's memory kept, no step weighing an anchor beyond a factor 2 of
-  the mini-batch softmax), seeds 0 and 1;
+  the mini-batch softmax), seeds 0 and 1, up to 20,000 pairs;
 and at 20,000 pairs, 2 seeds each:
 - FastCLIP-v3 with the README's small-data flags (`--gamma 0.5`);
 - OpenCLIP with its temperature fixed at 0.07 and FastCLIP-v1 at the same tau: the two differ in u alone;
@@ -74,7 +74,7 @@ class Map:
     main_seeds: tuple[int, ...]  # OpenCLIP and FastCLIP-v3 up to `large`
     large: int  # sizes above it (and ALL) get `large_seeds`
     large_seeds: tuple[int, ...]
-    robust: tuple[str, ...]  # trained at every size, seeds `robust_seeds` (within the size's own seeds)
+    robust: tuple[str, ...]  # trained at the sizes up to `large`, seeds `robust_seeds` (within the size's own seeds)
     robust_seeds: tuple[int, ...]
     extra_size: int  # where the extra contenders train
     extra_seeds: tuple[int, ...]
@@ -118,7 +118,7 @@ def plan(m: Map) -> list[Cell]:
             big = pairs == ALL or pairs > m.large
             if seed in (m.large_seeds if big else m.main_seeds):
                 cells += [Cell(pairs, c, seed) for c in ("OpenCLIP", "FastCLIP-v3")]
-                if seed in m.robust_seeds:
+                if seed in m.robust_seeds and not big:
                     cells += [Cell(pairs, c, seed) for c in m.robust]
             if pairs == m.extra_size and seed in m.extra_seeds:
                 cells += [Cell(pairs, c, seed) for c in m.extras]
