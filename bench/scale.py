@@ -302,6 +302,9 @@ def plot(rows: Sequence[dict], records: Sequence[Record], path: Path) -> None:
     for ax, ylabel in zip(axes, ("Δ held-out R@10 (pp, higher is better)", "Δ held-out GCL @0.07 (lower is better)")):
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="distinct training pairs", ylabel=ylabel)
+        sizes = sorted(set(trained.values()))
+        ax.set_xticks(sizes, [f"{size:,}" for size in sizes])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, path)
