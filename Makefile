@@ -63,7 +63,7 @@ bench-long: install
 	$(PY) -m fastclip.datasets.fonts --check
 	$(PY) bench/run_all.py --only long
 
-# the regime map (bench/scale.py, ~8 h on 2 cores): OpenCLIP vs FastCLIP from 2,000 pairs to every font character,
+# the regime map (bench/scale.py, 38 runs, ~8 h on 2 cores): OpenCLIP vs FastCLIP from 2,000 pairs to every font character,
 # 20 visits each; finished runs are recorded in bench/results/scale/ and reused, so it resumes where it stopped
 bench-scale: install
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
