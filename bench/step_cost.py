@@ -15,7 +15,7 @@ FastCLIP-v3 with the README's flags, `ViT-Tiny-32px` at 32 px, fp32):
 The contenders alternate (common.alternate); samples/s is the steady rate of rank 0's log lines over all
 ranks, the first window (start-up) dropped.
 
-    python bench/step_cost.py           # ~6 min on 2 cores; bench/out/step_cost.md
+    python bench/step_cost.py           # ~9 min on 2 cores; bench/out/step_cost.md
     python bench/step_cost.py --quick   # smoke run: numbers are no evidence
 """
 
