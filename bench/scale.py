@@ -225,11 +225,17 @@ def mean_lag(records: Sequence[Record], pairs: int, contender: str) -> tuple[lis
                  for key in ("g_over_u", "g_over_u_typical"))
 
 
+def lag_pair(mean: float, typical: float) -> str:
+    """`mean / typical` g/u, the mean in powers of ten once it is large (with gamma 1, u is the previous
+    visit's g and their ratio spans orders of magnitude)."""
+    return f"{mean:.2f} / {typical:.2f}" if mean < 1000 else f"{mean:.1e} / {typical:.2f}"
+
+
 def final_table(records: Sequence[Record]) -> str:
     rows = []
     for (pairs, contender), g in groups_of(records).items():
         mean, typical = mean_lag(records, pairs, contender)
-        lag_cell = "" if "FastCLIP" not in contender else f"{mean[-1]:.2f} / {typical[-1]:.2f}"
+        lag_cell = "" if "FastCLIP" not in contender else lag_pair(mean[-1], typical[-1])
         rows.append([size_label(pairs, records), contender, str(len(g.curves)),
                      *(f"{100 * g.final(k)[0]:.2f} ± {100 * g.final(k)[1]:.2f}" for k in ("R@1", "R@10")),
                      *(f"{g.final(k)[0]:.4f} ± {g.final(k)[1]:.4f}" for k in ("GCL", "train GCL")),
@@ -280,7 +286,7 @@ def lag_table(records: Sequence[Record]) -> str:
         if "FastCLIP" not in contender:
             continue
         mean, typical = mean_lag(records, pairs, contender)
-        rows.append([size_label(pairs, records), contender, *(f"{a:.2f} / {b:.2f}" for a, b in zip(mean, typical))])
+        rows.append([size_label(pairs, records), contender, *(lag_pair(a, b) for a, b in zip(mean, typical))])
     return markdown_table(["pairs", "contender", "first third", "second third", "last third"], rows)
 
 
