@@ -88,7 +88,7 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None, cwd: P
 
 
 def command_trial(cmd: Sequence[str] | Callable[[], Sequence[str]], parse: Callable[[str], Metrics],
-                  env: Mapping[str, str] | None = None, timeout: float | None = None) -> Trial:
+                  env: Mapping[str, str] | None = None, timeout: float | None = None, cwd: Path = ROOT) -> Trial:
     """A trial that runs a command (or a fresh one from a factory) and parses its output into metrics.
 
     The metrics also get `wall_s`, the command's wall time start-up included.
@@ -96,7 +96,7 @@ def command_trial(cmd: Sequence[str] | Callable[[], Sequence[str]], parse: Calla
     def trial() -> Metrics:
         argv = cmd() if callable(cmd) else cmd
         start = time.perf_counter()
-        output = run_command(argv, env=env, timeout=timeout)
+        output = run_command(argv, env=env, cwd=cwd, timeout=timeout)
         return {**parse(output), "wall_s": time.perf_counter() - start}
 
     return trial

@@ -122,11 +122,19 @@ def run_argv(run: Run, data: FontsData, epochs: int, optim: Optim, logs: Path,
     ]
 
 
+TORCHRUN_ENV = {"OMP_NUM_THREADS": "1"}  # one thread per rank
+TORCHRUN_CWD = ROOT / "src"
+
+
+def torchrun_command(argv: Sequence[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=K -m training.main ...`, to run from TORCHRUN_CWD."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+            "-m", "training.main", *argv]
+
+
 def torchrun(argv: list[str]) -> None:
     """`cd src && torchrun --standalone --nproc_per_node=K -m training.main ...` with one thread per rank."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
-               "-m", "training.main", *argv]
-    run_command(command, env={"OMP_NUM_THREADS": "1"}, cwd=ROOT / "src")
+    run_command(torchrun_command(argv), env=TORCHRUN_ENV, cwd=TORCHRUN_CWD)
 
 
 def read_result(run: Run, run_dir: Path, epochs: int, seconds: float) -> Result:
@@ -251,13 +259,19 @@ def report(results: list[Result], scale: Scale, data: FontsData, optim: Optim, f
     return write_report(name, "Unique captions: retrieval on Unicode characters drawn in fonts", body, raw)
 
 
-def load_data(scale: Scale) -> FontsData:
-    """The scale's shards under bench/out/data, built on first use; missing fonts end the program."""
+def fonts_data(train_pairs: int | None, test_pairs: int) -> FontsData:
+    """The shards of that size under bench/out/data (train_pairs None: every character the fonts draw), built on
+    first use and shared by the benchmarks; missing fonts end the program."""
     try:
-        return build_fonts(OUT_DIR / "data" / f"fonts-{scale.train_pairs}-{scale.test_pairs}",
-                           train_pairs=scale.train_pairs, test_pairs=scale.test_pairs)
+        return build_fonts(OUT_DIR / "data" / f"fonts-{train_pairs or 'all'}-{test_pairs}",
+                           train_pairs=train_pairs, test_pairs=test_pairs)
     except MissingFonts as error:
         raise SystemExit(f"error: {error}") from None
+
+
+def load_data(scale: Scale) -> FontsData:
+    """The scale's shards (fonts_data)."""
+    return fonts_data(scale.train_pairs, scale.test_pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

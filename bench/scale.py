@@ -44,11 +44,11 @@ from typing import Sequence
 
 from common import OUT_DIR, ROOT, markdown_table, save_figure, write_report
 from convergence import VERSIONS
-from fonts import OPTIM, RANKS, Run
+from fonts import OPTIM, RANKS, Run, fonts_data
 from long import LOSSES, Curve, Group, Scale, difference_cells, long_argv, mean_curve, steps_to_reach, train
 from long_study import lag_windows
 
-from fastclip.datasets.fonts import FontsData, MissingFonts, build_fonts
+from fastclip.datasets.fonts import FontsData
 
 BATCH = 32  # per rank
 ALL = 0  # a size of 0 pairs: every character the installed fonts draw
@@ -142,12 +142,8 @@ def settings(cell: Cell, m: Map) -> dict:
 
 
 def data_for(m: Map, pairs: int) -> FontsData:
-    """The size's shards under bench/out/data, built on first use (the same held-out split at every size)."""
-    try:
-        return build_fonts(OUT_DIR / "data" / f"fonts-{pairs or 'all'}-{m.test_pairs}",
-                           train_pairs=pairs or None, test_pairs=m.test_pairs)
-    except MissingFonts as error:
-        raise SystemExit(f"error: {error}") from None
+    """The size's shards (fonts.fonts_data; the same held-out split at every size)."""
+    return fonts_data(pairs or None, m.test_pairs)
 
 
 @dataclass

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import common
-from fonts import OPTIM, RANKS, Run, run_argv
+from fonts import OPTIM, RANKS, TORCHRUN_CWD, TORCHRUN_ENV, Run, fonts_data, run_argv, torchrun_command
 from long import LOSSES, MODEL_FLAGS
 
-from fastclip.datasets.fonts import FontsData, build_fonts
+from fastclip.datasets.fonts import FontsData
 
 VERSION = "FastCLIP-v3"
 MAP_BATCH = 32  # per rank
@@ -102,21 +101,11 @@ def evaluation_argv(evaluate: bool, setup: Setup, data: FontsData, logs: Path, n
     return [*argv, *MODEL_FLAGS, "--epochs", str(setup.eval_epochs), *evaluation]
 
 
-def torchrun_command(argv: Sequence[str]) -> list[str]:
-    """bench/fonts.py's launch: `cd src && torchrun --standalone --nproc_per_node=2 -m training.main`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
-            "-m", "training.main", *argv]
-
-
 def trial(make_argv, parse) -> common.Trial:
     """A fresh run folder per repetition, launched as bench/fonts.py launches its runs."""
     runs = iter(range(10_000))
-
-    def run() -> common.Metrics:
-        argv = make_argv(f"r{next(runs)}")
-        return common.command_trial(torchrun_command(argv), parse, env={"OMP_NUM_THREADS": "1"})()
-
-    return run
+    return common.command_trial(lambda: torchrun_command(make_argv(f"r{next(runs)}")), parse, env=TORCHRUN_ENV,
+                                cwd=TORCHRUN_CWD)
 
 
 def throughput_trial(choice: Choice, setup: Setup, data: FontsData, logs: Path, key: str) -> common.Trial:
@@ -155,12 +144,6 @@ def evaluation_lines(runs: common.Runs, setup: Setup, map_rate: float) -> str:
     return (f"One evaluation ({setup.eval_pairs} held-out pairs and {setup.eval_pairs} training pairs): {seconds:.1f} s, the time "
             f"of {seconds / step_s:.0f} of the map's steps; {'; '.join(shares)}. Medians of {len(runs['without'])} "
             f"runs of {setup.eval_epochs} epochs with an evaluation after each and without.")
-
-
-def fonts_data(pairs: int, test_pairs: int) -> FontsData:
-    """bench/scale.py's data of that size (bench/out/data, built on first use)."""
-    return build_fonts(common.OUT_DIR / "data" / f"fonts-{pairs}-{test_pairs}", train_pairs=pairs,
-                       test_pairs=test_pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
